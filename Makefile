@@ -1,0 +1,38 @@
+# Every target builds and uses the project virtualenv, so a fresh machine needs nothing else.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench venv node clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+tests/node/node_modules/.installed: tests/node/package.json
+	cd tests/node && npm install --silent --no-audit --no-fund
+	touch $@
+
+node: tests/node/node_modules/.installed
+
+run: venv
+	$(BIN)/pgguard demo
+
+test: venv node
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check pgguard tests scripts
+	$(BIN)/ruff format --check pgguard tests scripts
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python scripts/bench.py --output docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache

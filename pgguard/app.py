@@ -1,0 +1,93 @@
+"""Process lifecycle: start the gateway, handle signals, drain, and run several workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+import anyio
+
+from pgguard.config import Settings
+from pgguard.proxy.server import Gateway, run_coroutine
+
+log = logging.getLogger("pgguard")
+
+
+async def serve_async(
+    settings: Settings,
+    *,
+    worker_id: int = 0,
+    on_ready: Callable[[Gateway], None] | None = None,
+) -> None:
+    gateway = Gateway(settings)
+    gateway.worker_id = worker_id
+    await gateway.start()
+    log.info(
+        "pgguard listening on %s:%s",
+        settings.listen.host,
+        gateway.port,
+        extra={"worker": worker_id},
+    )
+    if on_ready is not None:
+        on_ready(gateway)
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading", extra={"worker": worker_id})
+                continue
+            log.info(
+                "%s: draining (deadline %.0fs)",
+                signal.Signals(signum).name,
+                settings.limits.drain_timeout,
+                extra={"worker": worker_id},
+            )
+            await gateway.drain(settings.limits.drain_timeout)
+            break
+    log.info("pgguard stopped", extra={"worker": worker_id})
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway in this process, or fork ``settings.workers`` workers sharing the port."""
+    if settings.workers <= 1:
+        run_coroutine(lambda: serve_async(settings))
+        return 0
+    children: dict[int, int] = {}
+    for worker_id in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run_coroutine(lambda wid=worker_id: serve_async(settings, worker_id=wid))
+            except BaseException:
+                log.exception("worker %d crashed", worker_id)
+                os._exit(1)
+            os._exit(0)
+        children[pid] = worker_id
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in list(children):
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                children.pop(child, None)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        worker_id = children.pop(pid, -1)
+        if code != 0:
+            status = 1
+            log.error("worker %d exited with status %d", worker_id, code)
+        time.sleep(0)
+    sys.stdout.flush()
+    return status

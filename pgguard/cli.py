@@ -1,0 +1,143 @@
+"""The ``pgguard`` command line (click)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pgguard.config import ConfigError, Settings, default_config_path, load_settings, parse_duration
+
+
+def _load(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        click.echo(exc.report(), err=True)
+        sys.exit(2)
+
+
+config_option = click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Configuration file (default: $PGGUARD_CONFIG, else ./pgguard.yaml).",
+)
+
+
+@click.group()
+@click.version_option(package_name="pgguard")
+def main() -> None:
+    """pgguard: an identity-aware PostgreSQL gateway."""
+
+
+@main.command()
+@config_option
+@click.option("--workers", type=int, default=None, help="Worker processes sharing the port.")
+def serve(config: Path | None, workers: int | None) -> None:
+    """Run the gateway."""
+    from pgguard.app import serve as run_serve
+    from pgguard.logs import setup_logging
+
+    settings = _load(config)
+    if workers is not None:
+        if workers < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--workers")
+        settings = settings.model_copy(update={"workers": workers})
+    setup_logging(settings.log.level, settings.log.format)
+    sys.exit(run_serve(settings))
+
+
+@main.group()
+def token() -> None:
+    """Development tokens."""
+
+
+def _claim(value: str) -> tuple[str, Any]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"expected key=value, got {value!r}", param_hint="--claim")
+    try:
+        parsed: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        parsed = raw
+    return key, parsed
+
+
+@token.command("mint")
+@config_option
+@click.option("--sub", required=True, help="Subject (the user name clients log in with).")
+@click.option("--groups", default="", help="Comma-separated groups.")
+@click.option("--ttl", default="15m", help="Lifetime, e.g. 15m or 1h.")
+@click.option("--email", default=None)
+@click.option("--agent", default=None, help="Agent claim, e.g. cursor.")
+@click.option("--prompt-id", default=None)
+@click.option("--claim", "claims", multiple=True, help="Extra claim key=value (JSON values ok).")
+def token_mint(
+    config: Path | None,
+    sub: str,
+    groups: str,
+    ttl: str,
+    email: str | None,
+    agent: str | None,
+    prompt_id: str | None,
+    claims: tuple[str, ...],
+) -> None:
+    """Print a token signed with the configured development (HS256) key."""
+    from pgguard.identity import mint_token
+
+    settings = _load(config)
+    secret = settings.identity.secret()
+    if not secret:
+        click.echo(
+            f"no signing secret: set ${settings.identity.secret_env} or identity.secret_file",
+            err=True,
+        )
+        sys.exit(2)
+    extra: dict[str, Any] = dict(_claim(c) for c in claims)
+    for key, value in (("email", email), ("agent", agent), ("prompt_id", prompt_id)):
+        if value is not None:
+            extra[key] = value
+    if settings.identity.audience and "aud" not in extra:
+        extra["aud"] = settings.identity.audience
+    if settings.identity.issuer and "iss" not in extra:
+        extra["iss"] = settings.identity.issuer
+    algorithm = next((a for a in settings.identity.algorithms if a.startswith("HS")), None)
+    if algorithm is None:
+        click.echo("token mint needs an HS* algorithm in identity.algorithms", err=True)
+        sys.exit(2)
+    group_list = [g.strip() for g in groups.split(",") if g.strip()]
+    click.echo(
+        mint_token(
+            secret,
+            sub,
+            groups=group_list,
+            ttl=float(parse_duration(ttl)),
+            claims=extra,
+            algorithm=algorithm,
+            groups_claim=settings.identity.groups_claim,
+        )
+    )
+
+
+@main.command()
+@click.option("--port", type=int, default=6432, help="Gateway port (0: any free port).")
+@click.option("--keep-running/--exit-after-start", default=True, hidden=True)
+def demo(port: int, keep_running: bool) -> None:
+    """Start an embedded PostgreSQL with pgguard in front of it, and print how to connect."""
+    from pgguard.demo import run_demo
+
+    sys.exit(run_demo(port=port, keep_running=keep_running))
+
+
+@main.command("config-path", hidden=True)
+def config_path() -> None:
+    click.echo(str(default_config_path()))
+
+
+if __name__ == "__main__":
+    main()

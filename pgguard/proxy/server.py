@@ -1,0 +1,831 @@
+"""The one module that owns sockets: listener, handshake, relay loop, cancel map, drain.
+
+The hot path is asyncio ``Protocol`` callbacks (on uvloop when installed): bytes from one
+side go through the sans-IO ``RelayCore`` and out to the other side in one write, with no
+``await`` per message. Back-pressure pauses reading from one side while the other side's
+write buffer is full, so a slow client never makes pgguard hold a whole result.
+anyio drives the structure around it: the task group, signals, timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgguard.config import Settings
+from pgguard.identity import Identity, TokenError, TokenValidator
+from pgguard.protocol import messages as m
+from pgguard.protocol.auth import AuthFailed, ScramClient, md5_password
+from pgguard.protocol.framing import MessageReader, StartupReader
+from pgguard.protocol.relay import IDLE_TIMEOUT, SHUTTING_DOWN, TOKEN_EXPIRED, Fatal, RelayCore
+from pgguard.protocol.startup import StartupRefused, build_upstream_startup
+
+log = logging.getLogger("pgguard.proxy")
+
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+
+
+class SessionEnded(Exception):
+    """The session cannot go on; ``fatal`` (if any) has been or should be sent."""
+
+    def __init__(self, fatal: Fatal | None = None) -> None:
+        super().__init__(fatal.message if fatal else "session ended")
+        self.fatal = fatal
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTarget:
+    """Where to send a CancelRequest for one upstream backend."""
+
+    host: str
+    port: int
+    process_id: int
+    secret_key: int
+
+
+class Side(asyncio.Protocol):
+    """One socket of a session. Buffers input during the handshake; relays it afterwards."""
+
+    def __init__(self, name: str, on_connect: Callable[[Side], None] | None = None) -> None:
+        self.name = name
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_lost: Callable[[Side], None] | None = None
+        self.on_pause: Callable[[bool], None] | None = None
+        self.closed = False
+        self._chunks: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+
+    # --- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
+            return
+        self._chunks.append(data)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._eof = True
+        self._wake()
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause(True)
+
+    def resume_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause(False)
+
+    # --- handshake helpers
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def recv(self) -> bytes:
+        """The next chunk received, or b'' at end of stream."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self._chunks.insert(0, data)
+
+    def take_buffered(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def read_message(side: Side, reader: MessageReader) -> tuple[bytes, bytes]:
+    """The next whole message from ``side``; SessionEnded at end of stream."""
+    while True:
+        msg = reader.next_message()
+        if msg is not None:
+            return msg
+        data = await side.recv()
+        if not data:
+            raise SessionEnded()
+        reader.feed(data)
+
+
+def fatal_bytes(sqlstate: str, message: str) -> bytes:
+    return Fatal(sqlstate, message).encode()
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class SessionInfo:
+    """What the gateway knows about a live session (for drain, cancel and logs)."""
+
+    session_id: str
+    client_addr: str
+    user: str | None = None
+    database: str | None = None
+    started: float = field(default_factory=time.time)
+
+
+class Session:
+    """One client connection: handshake, upstream login, then the relay."""
+
+    def __init__(self, gateway: Gateway, client: Side) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self.client = client
+        self.upstream: Side | None = None
+        self.core = RelayCore(self.settings.limits.max_message_bytes)
+        peer = client.transport.get_extra_info("peername") if client.transport else None
+        addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        self.info = SessionInfo(session_id=secrets.token_hex(8), client_addr=addr)
+        self.identity: Identity | None = None
+        self.key: tuple[int, int] | None = None
+        self.tls = False
+        self.last_active = time.monotonic()
+        self._expiry_handle: asyncio.TimerHandle | None = None
+        self._done = asyncio.get_running_loop().create_future()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        try:
+            timeout = self.settings.limits.auth_timeout or None
+            try:
+                async with asyncio.timeout(timeout):
+                    started = await self._handshake()
+            except TimeoutError:
+                self._send_fatal(Fatal("08006", "pgguard: authentication timed out"))
+                return
+            if not started:
+                return
+            self._start_relay()
+            await self._done
+        except SessionEnded as exc:
+            if exc.fatal is not None:
+                self._send_fatal(exc.fatal)
+        except m.ProtocolError as exc:
+            self._send_fatal(Fatal(exc.sqlstate, f"pgguard: {exc}"))
+        finally:
+            self._teardown()
+
+    def _send_fatal(self, fatal: Fatal) -> None:
+        self.client.write(fatal.encode())
+
+    def _teardown(self) -> None:
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+        if self.key is not None:
+            self.gateway.cancel_map.pop(self.key, None)
+        if self.upstream is not None:
+            if not self.upstream.closed and self.core.terminated is False:
+                # Tell the server we are leaving rather than just dropping the socket.
+                self.upstream.write(m.Terminate().encode())
+            self.upstream.close()
+        self.client.close()
+        if self.identity is not None:
+            log.info(
+                "session end",
+                extra={"session_id": self.info.session_id, "user": self.info.user},
+            )
+
+    def finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    # ------------------------------------------------------------------ handshake
+    async def _handshake(self) -> bool:
+        limits = self.settings.limits
+        startup_reader = StartupReader(limits.max_startup_bytes)
+        while True:
+            body = startup_reader.next_packet()
+            if body is None:
+                data = await self.client.recv()
+                if not data:
+                    return False
+                startup_reader.feed(data)
+                continue
+            packet = m.decode_startup(body)
+            if isinstance(packet, m.SSLRequest):
+                if startup_reader.take_buffer() or self.client.take_buffered():
+                    raise m.ProtocolError("received unencrypted data after SSL request")
+                if self.tls or self.gateway.server_ssl is None:
+                    self.client.write(b"N")
+                    continue
+                self.client.write(b"S")
+                await self._start_client_tls()
+                continue
+            if isinstance(packet, m.GSSENCRequest):
+                self.client.write(b"N")
+                continue
+            if isinstance(packet, m.CancelRequest):
+                await self.gateway.forward_cancel(packet.process_id, packet.secret_key)
+                return False
+            assert isinstance(packet, m.StartupMessage)
+            self.client.unread(startup_reader.take_buffer())
+            return await self._authenticate(packet)
+
+    async def _start_client_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.client.transport is not None and self.gateway.server_ssl is not None
+        new_transport = await loop.start_tls(
+            self.client.transport,
+            self.client,
+            self.gateway.server_ssl,
+            server_side=True,
+            ssl_handshake_timeout=self.settings.limits.auth_timeout or None,
+        )
+        if new_transport is None:
+            raise SessionEnded()
+        self.client.transport = new_transport  # type: ignore[assignment]
+        self.tls = True
+
+    async def _authenticate(self, startup: m.StartupMessage) -> bool:
+        user = startup.param("user")
+        if not user:
+            raise SessionEnded(Fatal("28000", "no PostgreSQL user name specified in startup packet"))
+        database = startup.param("database") or user
+        self.info.user = user
+        self.info.database = database
+
+        if not self.tls and not (
+            self.settings.tls.allow_plaintext_loopback and self.gateway.listener_is_loopback
+        ):
+            self.gateway.auth_failed("tls_required")
+            raise SessionEnded(
+                Fatal("28000", "pgguard: an encrypted connection is required (use sslmode=require)")
+            )
+
+        if self.gateway.draining:
+            raise SessionEnded(SHUTTING_DOWN)
+
+        self.client.write(m.Authentication(m.Authentication.CLEARTEXT).encode())
+        limit = self.settings.identity.max_token_bytes + 64
+        reader = MessageReader(limit)
+        try:
+            type_code, body = await read_message(self.client, reader)
+        except m.ProtocolError as exc:
+            self.gateway.auth_failed("too_large")
+            raise SessionEnded(Fatal("28000", "pgguard: token too large")) from exc
+        if type_code != b"p":
+            raise m.ProtocolError(f"expected password response, got message type {type_code!r}")
+        token = m.PasswordMessage.decode_body(body).password.decode("utf-8", "replace")
+        try:
+            identity = await self.gateway.validator.validate(token)
+        except TokenError as exc:
+            self.gateway.auth_failed(exc.reason)
+            log.warning(
+                "authentication failed: %s",
+                exc.reason,
+                extra={"session_id": self.info.session_id, "user": user},
+            )
+            raise SessionEnded(Fatal(exc.sqlstate, f"pgguard: {exc}")) from None
+        if identity.user != user:
+            self.gateway.auth_failed("user_mismatch")
+            raise SessionEnded(
+                Fatal(
+                    "28000",
+                    f'pgguard: user name "{user}" does not match the token subject',
+                )
+            )
+        allowed = self.settings.upstream.databases
+        if allowed is not None and database not in allowed:
+            self.gateway.auth_failed("database")
+            raise SessionEnded(
+                Fatal("3D000", f'pgguard: database "{database}" is not served by this gateway')
+            )
+        self.identity = identity
+
+        role = None
+        for group, mapped in self.settings.identity.role_map.items():
+            if group in identity.groups:
+                role = mapped
+                break
+        try:
+            upstream_startup = build_upstream_startup(
+                startup.params,
+                upstream_user=self.settings.upstream.user,
+                database=database,
+                identity_settings={
+                    "pgguard.user": identity.user,
+                    "pgguard.groups": ",".join(identity.groups),
+                    "pgguard.prompt_id": identity.prompt_id or "",
+                },
+                role=role,
+            )
+        except StartupRefused as exc:
+            raise SessionEnded(Fatal(exc.sqlstate, str(exc))) from None
+        if upstream_startup.prompt_id is not None:
+            params = [
+                (k, upstream_startup.prompt_id if k == "pgguard.prompt_id" else v)
+                for k, v in upstream_startup.params
+            ]
+        else:
+            params = list(upstream_startup.params)
+        await self._connect_upstream(m.StartupMessage(tuple(params)))
+        return True
+
+    # ------------------------------------------------------------------ upstream
+    async def _connect_upstream(self, startup: m.StartupMessage) -> None:
+        up = self.settings.upstream
+        loop = asyncio.get_running_loop()
+        side = Side("upstream")
+        try:
+            async with asyncio.timeout(up.connect_timeout or None):
+                transport, _ = await loop.create_connection(lambda: side, up.host, up.port)
+        except (OSError, TimeoutError) as exc:
+            self.gateway.upstream_error()
+            log.error("upstream connect failed: %s", exc, extra={"session_id": self.info.session_id})
+            raise SessionEnded(
+                Fatal("08001", "pgguard: could not connect to the upstream server")
+            ) from None
+        self.upstream = side
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if up.sslmode != "disable":
+            await self._upstream_tls(side)
+        side.write(startup.encode())
+        await self._upstream_login(side)
+
+    async def _upstream_tls(self, side: Side) -> None:
+        up = self.settings.upstream
+        side.write(m.SSLRequest().encode())
+        answer = await side.recv()
+        if not answer:
+            raise SessionEnded(Fatal("08006", "pgguard: upstream closed during TLS negotiation"))
+        if answer[:1] == b"N":
+            if up.sslmode in ("require", "verify-full"):
+                raise SessionEnded(
+                    Fatal("08001", "pgguard: the upstream server does not support TLS")
+                )
+            side.unread(answer[1:])
+            return
+        if answer[:1] != b"S" or len(answer) > 1:
+            raise SessionEnded(Fatal("08006", "pgguard: bad upstream reply to SSLRequest"))
+        ctx = self.gateway.upstream_ssl
+        assert side.transport is not None
+        try:
+            new_transport = await asyncio.get_running_loop().start_tls(
+                side.transport,
+                side,
+                ctx,
+                server_hostname=up.host if up.sslmode == "verify-full" else None,
+            )
+        except (ssl.SSLError, OSError) as exc:
+            self.gateway.upstream_error()
+            log.error("upstream TLS failed: %s", exc, extra={"session_id": self.info.session_id})
+            raise SessionEnded(
+                Fatal("08001", "pgguard: TLS negotiation with the upstream server failed")
+            ) from None
+        side.transport = new_transport  # type: ignore[assignment]
+
+    async def _upstream_login(self, side: Side) -> None:
+        up = self.settings.upstream
+        reader = MessageReader(self.settings.limits.max_message_bytes)
+        scram: ScramClient | None = None
+        password = up.password()
+        client_out: list[bytes] = []
+        while True:
+            try:
+                type_code, body = await read_message(side, reader)
+            except SessionEnded:
+                self.gateway.upstream_error()
+                raise SessionEnded(
+                    Fatal("08006", "pgguard: the upstream server closed the connection")
+                ) from None
+            if type_code == b"R":
+                auth = m.Authentication.decode_body(body)
+                try:
+                    scram = self._answer_auth(side, auth, password, scram)
+                except AuthFailed as exc:
+                    self.gateway.upstream_error()
+                    log.error(
+                        "upstream authentication failed: %s",
+                        exc,
+                        extra={"session_id": self.info.session_id},
+                    )
+                    raise SessionEnded(
+                        Fatal("08001", "pgguard: upstream authentication failed")
+                    ) from None
+            elif type_code == b"K":
+                key = m.BackendKeyData.decode_body(body)
+                self._register_cancel_key(key)
+            elif type_code == b"E":
+                # Relay the server's own startup error (bad database, too many clients, …).
+                err = m.ErrorResponse.decode_body(body)
+                log.warning(
+                    "upstream refused the session: %s %s",
+                    err.sqlstate,
+                    err.message,
+                    extra={"session_id": self.info.session_id},
+                )
+                if err.sqlstate.startswith("28"):
+                    self.gateway.upstream_error()
+                    raise SessionEnded(Fatal("08001", "pgguard: upstream authentication failed"))
+                self.client.write(b"".join(client_out) + m.frame(b"E", body))
+                raise SessionEnded()
+            elif type_code == b"Z":
+                if self.key is None:
+                    raise SessionEnded(Fatal("08P01", "pgguard: upstream sent no BackendKeyData"))
+                client_out.append(m.frame(b"Z", body))
+                self.client.write(
+                    m.Authentication(m.Authentication.OK).encode()
+                    + b"".join(client_out[:-1])
+                    + m.BackendKeyData(*self.key).encode()
+                    + client_out[-1]
+                )
+                self.core.status = body[:1]
+                # Anything the server sent after ReadyForQuery belongs to the relay.
+                leftover = reader.take_buffer() + side.take_buffered()
+                if leftover:
+                    side.unread(leftover)
+                return
+            elif type_code in (b"S", b"N", b"v"):
+                client_out.append(m.frame(type_code, body))
+            else:
+                raise SessionEnded(
+                    Fatal("08P01", f"pgguard: unexpected upstream message {type_code!r}")
+                )
+
+    def _answer_auth(
+        self,
+        side: Side,
+        auth: m.Authentication,
+        password: str | None,
+        scram: ScramClient | None,
+    ) -> ScramClient | None:
+        code = auth.code
+        if code == m.Authentication.OK:
+            return scram
+        if code == m.Authentication.SASL_FINAL:
+            if scram is None:
+                raise AuthFailed("SASL final without a SASL exchange")
+            scram.verify_server_final(auth.data)
+            return scram
+        if password is None:
+            raise AuthFailed(f"the server asks for a password (auth code {code}) but none is set")
+        user = self.settings.upstream.user
+        if code == m.Authentication.CLEARTEXT:
+            side.write(m.PasswordMessage(password.encode()).encode())
+        elif code == m.Authentication.MD5:
+            side.write(m.PasswordMessage(md5_password(user, password, auth.data)).encode())
+        elif code == m.Authentication.SASL:
+            if ScramClient.MECHANISM not in auth.mechanisms():
+                raise AuthFailed(f"no supported SASL mechanism in {auth.mechanisms()}")
+            scram = ScramClient(password)
+            side.write(m.SASLInitialResponse(ScramClient.MECHANISM, scram.client_first()).encode())
+        elif code == m.Authentication.SASL_CONTINUE:
+            if scram is None:
+                raise AuthFailed("SASL continue without a SASL exchange")
+            side.write(m.SASLResponse(scram.client_final(auth.data)).encode())
+        else:
+            raise AuthFailed(f"unsupported authentication method {code}")
+        return scram
+
+    def _register_cancel_key(self, upstream_key: m.BackendKeyData) -> None:
+        up = self.settings.upstream
+        target = CancelTarget(up.host, up.port, upstream_key.process_id, upstream_key.secret_key)
+        self.key = self.gateway.new_cancel_key(target)
+
+    # ------------------------------------------------------------------ relay
+    def _start_relay(self) -> None:
+        client, upstream = self.client, self.upstream
+        assert upstream is not None and upstream.transport is not None
+        assert client.transport is not None
+        core = self.core
+        client_transport = client.transport
+        upstream_transport = upstream.transport
+        track_idle = self.settings.limits.idle_timeout > 0
+        monotonic = time.monotonic
+
+        def from_client(data: bytes) -> None:
+            if track_idle:
+                self.last_active = monotonic()
+            try:
+                to_server, _ = core.from_client(data)
+            except m.ProtocolError as exc:
+                client_transport.write(fatal_bytes(exc.sqlstate, f"pgguard: {exc}"))
+                self.finish()
+                return
+            if len(to_server) == 1:
+                upstream_transport.write(to_server[0])  # type: ignore[arg-type]
+            elif to_server:
+                upstream_transport.write(b"".join(to_server))  # type: ignore[arg-type]
+            if core.closing:
+                self.finish()
+
+        def from_server(data: bytes) -> None:
+            try:
+                to_client = core.from_server(data)
+            except m.ProtocolError as exc:
+                log.error("upstream protocol error: %s", exc)
+                client_transport.write(fatal_bytes("08P01", "pgguard: upstream protocol error"))
+                self.finish()
+                return
+            if len(to_client) == 1:
+                client_transport.write(to_client[0])  # type: ignore[arg-type]
+            elif to_client:
+                client_transport.write(b"".join(to_client))  # type: ignore[arg-type]
+            if core.closing:
+                self.finish()
+
+        def lost(side: Side) -> None:
+            if side is upstream and not core.closing and not client.closed:
+                self.gateway.upstream_error()
+                client_transport.write(
+                    fatal_bytes("08006", "pgguard: lost connection to the upstream server")
+                )
+            self.finish()
+
+        def client_paused(paused: bool) -> None:
+            # The client cannot keep up: stop reading the server until it drains.
+            if paused:
+                upstream_transport.pause_reading()
+            elif not upstream.closed:
+                upstream_transport.resume_reading()
+
+        def upstream_paused(paused: bool) -> None:
+            if paused:
+                client_transport.pause_reading()
+            elif not client.closed:
+                client_transport.resume_reading()
+
+        client.on_lost = lost
+        upstream.on_lost = lost
+        client.on_pause = client_paused
+        upstream.on_pause = upstream_paused
+        client.on_data = from_client
+        upstream.on_data = from_server
+        if client.closed or upstream.closed:
+            self.finish()
+            return
+        leftover = upstream.take_buffered()
+        if leftover:
+            from_server(leftover)
+        leftover = client.take_buffered()
+        if leftover:
+            from_client(leftover)
+
+        assert self.identity is not None
+        loop = asyncio.get_running_loop()
+        if self.settings.identity.end_session_on_expiry:
+            delay = max(0.0, self.identity.expires_at - time.time())
+            self._expiry_handle = loop.call_later(delay, self.end, TOKEN_EXPIRED)
+        log.info(
+            "session start",
+            extra={
+                "session_id": self.info.session_id,
+                "user": self.identity.user,
+                "database": self.info.database,
+            },
+        )
+
+    def end(self, reason: Fatal) -> None:
+        """End the session at its next idle point (now, if idle)."""
+        if self.upstream is None or self._done.done():
+            # Still in the handshake or already over: close right away.
+            self._send_fatal(reason)
+            self.finish()
+            return
+        out = self.core.end(reason)
+        if out:
+            self.client.write(out)
+        if self.core.closing:
+            self.finish()
+
+    def force_end(self, reason: Fatal) -> None:
+        """End now, mid-statement if need be."""
+        if not self._done.done():
+            self.core.closing = True
+            self._send_fatal(reason)
+            self.finish()
+
+
+class Gateway:
+    """Listener and shared state of one pgguard process."""
+
+    def __init__(self, settings: Settings, validator: TokenValidator | None = None) -> None:
+        self.settings = settings
+        self.validator = validator or TokenValidator(settings.identity)
+        self.sessions: set[Session] = set()
+        self.cancel_map: dict[tuple[int, int], CancelTarget] = {}
+        self.server_ssl = self._server_ssl_context()
+        self.upstream_ssl = self._upstream_ssl_context()
+        self.listener_is_loopback = _is_loopback(settings.listen.host)
+        self.draining = False
+        self.server: asyncio.base_events.Server | None = None
+        self.port: int | None = None
+        self.worker_id = 0
+        self.stats: dict[str, int] = {"connections": 0, "auth_failures": 0, "upstream_errors": 0}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ TLS contexts
+    def _server_ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.settings.tls
+        if tls.cert_file is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        return ctx
+
+    def _upstream_ssl_context(self) -> ssl.SSLContext:
+        up = self.settings.upstream
+        if up.sslmode == "verify-full":
+            ctx = ssl.create_default_context(
+                cafile=str(up.sslrootcert) if up.sslrootcert else None
+            )
+            ctx.check_hostname = True
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    # ------------------------------------------------------------------ counters
+    def auth_failed(self, reason: str) -> None:
+        self.stats["auth_failures"] += 1
+
+    def upstream_error(self) -> None:
+        self.stats["upstream_errors"] += 1
+
+    # ------------------------------------------------------------------ cancel
+    def new_cancel_key(self, target: CancelTarget) -> tuple[int, int]:
+        while True:
+            # The worker id sits in the top bits of the pid so any worker can route a cancel.
+            pid = (self.worker_id << 24) | secrets.randbits(24)
+            key = (pid, secrets.randbits(32) - (1 << 31))
+            if pid and key not in self.cancel_map:
+                self.cancel_map[key] = target
+                return key
+
+    async def forward_cancel(self, process_id: int, secret_key: int) -> None:
+        target = self.cancel_map.get((process_id, secret_key))
+        if target is None:
+            log.info("cancel request for an unknown key ignored")
+            return
+        try:
+            async with asyncio.timeout(5):
+                _, writer = await asyncio.open_connection(target.host, target.port)
+                writer.write(
+                    struct.pack(
+                        "!iiii",
+                        16,
+                        m.CANCEL_REQUEST_CODE,
+                        target.process_id,
+                        target.secret_key,
+                    )
+                )
+                await writer.drain()
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not forward cancel request: %s", exc)
+
+    # ------------------------------------------------------------------ serving
+    def _accept(self) -> Side:
+        return Side("client", on_connect=self._on_client)
+
+    def _on_client(self, side: Side) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_client(side))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_client(self, side: Side) -> None:
+        if len(self.sessions) >= self.settings.limits.max_connections:
+            side.write(fatal_bytes("53300", "sorry, too many clients already"))
+            side.close()
+            return
+        self.stats["connections"] += 1
+        session = Session(self, side)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        except Exception:  # a bug must never take other sessions down
+            log.exception("session crashed", extra={"session_id": session.info.session_id})
+            side.write(fatal_bytes("XX000", "pgguard: internal error"))
+            side.close()
+            if session.upstream is not None:
+                session.upstream.close()
+        finally:
+            self.sessions.discard(session)
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.settings.listen
+        if sock is not None:
+            self.server = await loop.create_server(self._accept, sock=sock, backlog=1024)
+        else:
+            self.server = await loop.create_server(
+                self._accept,
+                listen.host,
+                listen.port,
+                backlog=1024,
+                reuse_address=True,
+                reuse_port=self.settings.workers > 1 or None,
+            )
+        sockets = self.server.sockets
+        self.port = sockets[0].getsockname()[1] if sockets else None
+        if self.settings.limits.idle_timeout > 0:
+            task = loop.create_task(self._idle_reaper())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _idle_reaper(self) -> None:
+        timeout = self.settings.limits.idle_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 2))
+            now = time.monotonic()
+            for session in list(self.sessions):
+                if session.upstream is not None and now - session.last_active > timeout:
+                    if session.core.idle():
+                        session.end(IDLE_TIMEOUT)
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, end idle sessions, wait for busy ones up to ``deadline`` seconds."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.sessions):
+            session.end(SHUTTING_DOWN)
+        end = time.monotonic() + deadline
+        while self.sessions and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.force_end(SHUTTING_DOWN)
+        # Give the final writes a moment to reach the sockets.
+        for _ in range(40):
+            if not self.sessions:
+                break
+            await asyncio.sleep(0.05)
+
+
+def run_coroutine(coro_factory: Callable[[], Any]) -> Any:
+    """Run on uvloop when it is installed, else on the default asyncio loop."""
+    import anyio
+
+    try:
+        import uvloop  # noqa: F401
+
+        use_uvloop = True
+    except ImportError:
+        use_uvloop = False
+    return anyio.run(coro_factory, backend="asyncio", backend_options={"use_uvloop": use_uvloop})
