@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -21,10 +22,12 @@ async def serve_async(
     settings: Settings,
     *,
     worker_id: int = 0,
+    worker_group: int | None = None,
     on_ready: Callable[[Gateway], None] | None = None,
 ) -> None:
     gateway = Gateway(settings)
     gateway.worker_id = worker_id
+    gateway.worker_group = worker_group
     await gateway.start()
     log.info(
         "pgguard listening on %s:%s",
@@ -56,11 +59,16 @@ def serve(settings: Settings) -> int:
         run_coroutine(lambda: serve_async(settings))
         return 0
     children: dict[int, int] = {}
+    group = os.getpid()
     for worker_id in range(settings.workers):
         pid = os.fork()
         if pid == 0:
             try:
-                run_coroutine(lambda wid=worker_id: serve_async(settings, worker_id=wid))
+                run_coroutine(
+                    functools.partial(
+                        serve_async, settings, worker_id=worker_id, worker_group=group
+                    )
+                )
             except BaseException:
                 log.exception("worker %d crashed", worker_id)
                 os._exit(1)

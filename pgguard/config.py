@@ -77,8 +77,22 @@ class UpstreamSettings(_Section):
 
 
 class IdentitySettings(_Section):
-    algorithms: list[Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256",
-                             "ES384", "ES512", "PS256", "PS384", "PS512"]] = ["HS256"]
+    algorithms: list[
+        Literal[
+            "HS256",
+            "HS384",
+            "HS512",
+            "RS256",
+            "RS384",
+            "RS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "PS256",
+            "PS384",
+            "PS512",
+        ]
+    ] = ["HS256"]
     secret_env: str | None = "PGGUARD_JWT_SECRET"
     secret_file: Path | None = None
     public_key_file: Path | None = None

@@ -101,7 +101,10 @@ def run_demo(port: int = 6432, keep_running: bool = True) -> int:
         settings = load_settings(config_path, require_file=True)
 
         agent_token = mint_token(
-            jwt_secret, "cursor-agent", groups=["ai-agents"], ttl=8 * 3600,
+            jwt_secret,
+            "cursor-agent",
+            groups=["ai-agents"],
+            ttl=8 * 3600,
             claims={"agent": "cursor", "email": "agent@example.com"},
         )
         dba_token = mint_token(
@@ -128,9 +131,7 @@ def run_demo(port: int = 6432, keep_running: bool = True) -> int:
             click.echo(f"  config:    {config_path}")
             click.echo("")
             click.echo("Connect as the AI agent (groups: ai-agents):")
-            click.echo(
-                f"  PGPASSWORD='{agent_token}' psql '{dsn.format(user='cursor-agent')}'"
-            )
+            click.echo(f"  PGPASSWORD='{agent_token}' psql '{dsn.format(user='cursor-agent')}'")
             click.echo("Connect as the DBA (groups: dba):")
             click.echo(f"  PGPASSWORD='{dba_token}' psql '{dsn.format(user='dana')}'")
             click.echo("")

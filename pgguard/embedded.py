@@ -65,9 +65,9 @@ def find_bindir() -> Path:
         except ImportError:
             continue
         base = Path(getattr(mod, "__file__", "") or "").parent
-        for candidate in base.glob("**/bin"):
-            if _has_server(candidate):
-                return candidate
+        for bindir in base.glob("**/bin"):
+            if _has_server(bindir):
+                return bindir
     raise EmbeddedError(
         "no PostgreSQL server binaries found: install postgresql (apt-get install postgresql) "
         "or the pgserver wheel (pip install pgserver)"

@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from email.message import Message
+from http.client import HTTPMessage
 from typing import IO, Any, Final
 
 from cryptography import x509
@@ -51,7 +51,7 @@ _CURVE_NAMES: Final[Mapping[str, str]] = {
     "secp384r1": "P-384",
     "secp521r1": "P-521",
 }
-_PSS_HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
+PSS_HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
     "PS256": hashes.SHA256,
     "PS384": hashes.SHA384,
     "PS512": hashes.SHA512,
@@ -77,7 +77,7 @@ class _PSSKey(JoseKey):  # type: ignore[misc]
 
     def __init__(self, key: rsa.RSAPublicKey, algorithm: str) -> None:
         self._key = key
-        self._hash = _PSS_HASHES[algorithm]
+        self._hash = PSS_HASHES[algorithm]
 
     def verify(self, msg: bytes, sig: bytes) -> bool:
         digest = self._hash()
@@ -226,7 +226,7 @@ def public_key_from_jwk(data: Mapping[str, Any], source: str = "JWK") -> PublicK
             raise KeyLoadError(f"{source}: key {kid!r}: alg does not match kty")
     elif kty == "EC":
         crv = data.get("crv")
-        if crv not in _CURVES:
+        if not isinstance(crv, str) or crv not in _CURVES:
             raise KeyLoadError(f"{source}: key {kid!r} has an unsupported curve")
         curve = _CURVES[crv]()
         x = _b64url_int(data.get("x"), "x")
@@ -253,7 +253,9 @@ def load_jwks(document: Any, source: str) -> list[PublicKey]:
         raise KeyLoadError(f"{source}: not a JWK Set (no 'keys' list)")
     entries: list[Any] = document["keys"]
     if len(entries) > MAX_JWKS_KEYS:
-        log.warning("%s: only the first %d of %d keys are used", source, MAX_JWKS_KEYS, len(entries))
+        log.warning(
+            "%s: only the first %d of %d keys are used", source, MAX_JWKS_KEYS, len(entries)
+        )
     keys: list[PublicKey] = []
     for entry in entries[:MAX_JWKS_KEYS]:
         if not isinstance(entry, Mapping):
@@ -294,7 +296,7 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
         fp: IO[bytes],
         code: int,
         msg: str,
-        headers: Message,
+        headers: HTTPMessage,
         newurl: str,
     ) -> urllib.request.Request | None:
         old = urllib.parse.urlsplit(req.full_url).scheme
@@ -391,8 +393,10 @@ class JWKSFetcher:
         if self._jwks_uri is not None:
             try:
                 document = self._get_json(self._jwks_uri)
-                if isinstance(document, Mapping) and "keys" not in document and (
-                    "jwks_uri" in document
+                if (
+                    isinstance(document, Mapping)
+                    and "keys" not in document
+                    and ("jwks_uri" in document)
                 ):
                     return self._follow(self._jwks_uri, document)
                 return self._keys_from(document, self._jwks_uri)

@@ -41,10 +41,11 @@ class ScramClient:
 
     MECHANISM = "SCRAM-SHA-256"
 
-    def __init__(self, password: str, nonce: str | None = None) -> None:
+    def __init__(self, password: str, nonce: str | None = None, username: str = "") -> None:
+        # PostgreSQL ignores the SCRAM user name (the startup packet has it); RFC vectors use one.
         self._password = _saslprep(password).encode()
         self._nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode()
-        self._client_first_bare = f"n=,r={self._nonce}"
+        self._client_first_bare = f"n={username},r={self._nonce}"
         self._server_signature = b""
 
     def client_first(self) -> bytes:
@@ -87,9 +88,7 @@ class ScramClient:
             signature = base64.b64decode(text[2:].split(",")[0], validate=True)
         except ValueError as exc:
             raise AuthFailed("malformed SCRAM server signature") from exc
-        if not self._server_signature or not hmac.compare_digest(
-            signature, self._server_signature
-        ):
+        if not self._server_signature or not hmac.compare_digest(signature, self._server_signature):
             raise AuthFailed("SCRAM server signature mismatch: the upstream is not who it claims")
 
 

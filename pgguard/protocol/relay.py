@@ -10,10 +10,13 @@ Query and Parse before the server does. The default hook allows everything.
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from pgguard.policy.identity_guard import Refusal
 from pgguard.protocol.framing import Frame, Scanner
-from pgguard.protocol.messages import ErrorResponse, error_fields
+from pgguard.protocol.messages import ErrorResponse, Parse, ProtocolError, Query, error_fields
 
 # Type bytes as ints, for the hot path.
 _Q, _P, _S, _F, _X, _H = 81, 80, 83, 70, 88, 72
@@ -21,8 +24,12 @@ _Z = 90
 
 # Intercepted types. Client: Query, Parse, Sync, FunctionCall, Terminate.
 CLIENT_INTERCEPT = b"QPSFX"
-# Server: ReadyForQuery.
-SERVER_INTERCEPT = b"Z"
+# Server: ReadyForQuery, ErrorResponse (to put refusals in their place).
+SERVER_INTERCEPT = b"ZE"
+_E = 69
+
+# A statement hook sees the SQL of every Query and Parse and may refuse it.
+StatementHook = Callable[[str], Refusal | None]
 
 _NOTHING: tuple[()] = ()
 
@@ -48,15 +55,26 @@ class RelayCore:
 
     __slots__ = (
         "_client",
+        "_marker",
+        "_refusals",
+        "_seq",
         "_server",
         "closing",
         "ending",
+        "hook",
         "pending",
         "status",
         "terminated",
     )
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, hook: StatementHook | None = None) -> None:
+        self.hook = hook
+        # Refused statements are replaced by a unique syntax error, so the server itself fails
+        # the request in order (discarding to Sync, failing a transaction block); its error is
+        # then rewritten into the refusal. The marker is random so clients cannot forge it.
+        self._marker = "pgguard_refused_" + secrets.token_hex(6) + "_"
+        self._refusals: dict[str, Refusal] = {}
+        self._seq = 0
         self._client = Scanner(CLIENT_INTERCEPT, max_message_bytes)
         self._server = Scanner(SERVER_INTERCEPT, max_message_bytes)
         self.status = b"I"  # transaction status from the last ReadyForQuery
@@ -98,13 +116,63 @@ class RelayCore:
                 continue
             assert isinstance(piece, Frame)
             t = piece.type
-            if t == _S or t == _Q or t == _F:
+            if t in (_S, _F):
                 self.pending += 1
+            elif t == _Q:
+                self.pending += 1
+                if self.hook is not None:
+                    out.append(self._judge_query(piece.raw))
+                    continue
+            elif t == _P:
+                if self.hook is not None:
+                    out.append(self._judge_parse(piece.raw))
+                    continue
             elif t == _X:
                 self.terminated = True
                 self.closing = True
             out.append(piece.raw)
         return out, _NOTHING
+
+    def _substitute(self, refusal: Refusal) -> str:
+        self._seq += 1
+        token = f"{self._marker}{self._seq}"
+        self._refusals[token] = refusal
+        return token
+
+    def _judge_query(self, raw: bytes) -> bytes:
+        query = Query.decode_body(raw[5:])
+        assert self.hook is not None
+        refusal = self.hook(query.sql)
+        if refusal is None:
+            return raw
+        return Query(self._substitute(refusal)).encode()
+
+    def _judge_parse(self, raw: bytes) -> bytes:
+        parse = Parse.decode_body(raw[5:])
+        assert self.hook is not None
+        refusal = self.hook(parse.sql)
+        if refusal is None:
+            return raw
+        return Parse(parse.name, self._substitute(refusal), ()).encode()
+
+    def _rewrite_error(self, raw: bytes) -> bytes:
+        if not self._refusals or self._marker.encode() not in raw:
+            return raw
+        try:
+            err = ErrorResponse.decode_body(raw[5:])
+        except ProtocolError:
+            return raw
+        message = err.message
+        start = message.find(self._marker)
+        if start < 0:
+            return raw
+        end = start + len(self._marker)
+        while end < len(message) and message[end].isdigit():
+            end += 1
+        refusal = self._refusals.pop(message[start:end], None)
+        if refusal is None:
+            return raw
+        return ErrorResponse(error_fields("ERROR", refusal.sqlstate, refusal.text())).encode()
 
     def from_server(self, data: bytes) -> list[bytes | Frame] | list[bytes]:
         """Server bytes → bytes for the client."""
@@ -121,11 +189,15 @@ class RelayCore:
                 self.status = piece.raw[5:6]
                 if self.pending:
                     self.pending -= 1
+                if self._refusals and self.pending == 0:
+                    self._refusals.clear()  # refused requests skipped after an earlier error
                 out.append(piece.raw)
                 if self.ending is not None and self._can_end():
                     out.append(self.ending.encode())
                     self.closing = True
                     break
+            elif piece.type == _E:
+                out.append(self._rewrite_error(piece.raw))
             else:
                 out.append(piece.raw)
         return out

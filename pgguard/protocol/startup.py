@@ -61,9 +61,7 @@ def parse_options(options: str) -> list[tuple[str, str]]:
             if i >= len(words):
                 raise StartupRefused("options: -c requires a value", "08P01")
             assignment = words[i]
-        elif word.startswith("-c"):
-            assignment = word[2:]
-        elif word.startswith("--"):
+        elif word.startswith("-c") or word.startswith("--"):
             assignment = word[2:]
         else:
             raise StartupRefused(f"options: unsupported switch {word!r}", "08P01")

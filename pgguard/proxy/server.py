@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import secrets
@@ -20,10 +21,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
+from pgguard.policy.identity_guard import check_identity
 from pgguard.protocol import messages as m
 from pgguard.protocol.auth import AuthFailed, ScramClient, md5_password
 from pgguard.protocol.framing import MessageReader, StartupReader
@@ -71,9 +73,9 @@ class Side(asyncio.Protocol):
 
     # --- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         if self._on_connect is not None:
             self._on_connect(self)
 
@@ -291,13 +293,15 @@ class Session:
         )
         if new_transport is None:
             raise SessionEnded()
-        self.client.transport = new_transport  # type: ignore[assignment]
+        self.client.transport = new_transport
         self.tls = True
 
     async def _authenticate(self, startup: m.StartupMessage) -> bool:
         user = startup.param("user")
         if not user:
-            raise SessionEnded(Fatal("28000", "no PostgreSQL user name specified in startup packet"))
+            raise SessionEnded(
+                Fatal("28000", "no PostgreSQL user name specified in startup packet")
+            )
         database = startup.param("database") or user
         self.info.user = user
         self.info.database = database
@@ -369,6 +373,7 @@ class Session:
             )
         except StartupRefused as exc:
             raise SessionEnded(Fatal(exc.sqlstate, str(exc))) from None
+        self.core.hook = functools.partial(check_identity, role_mapped=role is not None)
         if upstream_startup.prompt_id is not None:
             params = [
                 (k, upstream_startup.prompt_id if k == "pgguard.prompt_id" else v)
@@ -389,7 +394,9 @@ class Session:
                 transport, _ = await loop.create_connection(lambda: side, up.host, up.port)
         except (OSError, TimeoutError) as exc:
             self.gateway.upstream_error()
-            log.error("upstream connect failed: %s", exc, extra={"session_id": self.info.session_id})
+            log.error(
+                "upstream connect failed: %s", exc, extra={"session_id": self.info.session_id}
+            )
             raise SessionEnded(
                 Fatal("08001", "pgguard: could not connect to the upstream server")
             ) from None
@@ -433,7 +440,7 @@ class Session:
             raise SessionEnded(
                 Fatal("08001", "pgguard: TLS negotiation with the upstream server failed")
             ) from None
-        side.transport = new_transport  # type: ignore[assignment]
+        side.transport = new_transport
 
     async def _upstream_login(self, side: Side) -> None:
         up = self.settings.upstream
@@ -672,6 +679,8 @@ class Gateway:
         self.server: asyncio.base_events.Server | None = None
         self.port: int | None = None
         self.worker_id = 0
+        self.worker_group: int | None = None  # the serving parent's pid when several workers run
+        self._cancel_server: asyncio.base_events.Server | None = None
         self.stats: dict[str, int] = {"connections": 0, "auth_failures": 0, "upstream_errors": 0}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -688,9 +697,7 @@ class Gateway:
     def _upstream_ssl_context(self) -> ssl.SSLContext:
         up = self.settings.upstream
         if up.sslmode == "verify-full":
-            ctx = ssl.create_default_context(
-                cafile=str(up.sslrootcert) if up.sslrootcert else None
-            )
+            ctx = ssl.create_default_context(cafile=str(up.sslrootcert) if up.sslrootcert else None)
             ctx.check_hostname = True
             ctx.verify_mode = ssl.CERT_REQUIRED
         else:
@@ -716,7 +723,44 @@ class Gateway:
                 self.cancel_map[key] = target
                 return key
 
-    async def forward_cancel(self, process_id: int, secret_key: int) -> None:
+    def _cancel_socket_name(self, worker_id: int) -> str:
+        # Abstract unix socket: nothing on disk, private to this host.
+        return f"\0pgguard-cancel-{self.worker_group}-{worker_id}"
+
+    async def _start_cancel_listener(self) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                packet = await asyncio.wait_for(reader.readexactly(16), 5)
+                length, code, pid, key = struct.unpack("!iiii", packet)
+                if length == 16 and code == m.CANCEL_REQUEST_CODE:
+                    await self.forward_cancel(pid, key, route=False)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+        self._cancel_server = await asyncio.start_unix_server(
+            handle, path=self._cancel_socket_name(self.worker_id)
+        )
+
+    async def _route_cancel(self, worker_id: int, process_id: int, secret_key: int) -> None:
+        try:
+            async with asyncio.timeout(5):
+                _, writer = await asyncio.open_unix_connection(self._cancel_socket_name(worker_id))
+                writer.write(
+                    struct.pack("!iiii", 16, m.CANCEL_REQUEST_CODE, process_id, secret_key)
+                )
+                await writer.drain()
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not route cancel request to worker %d: %s", worker_id, exc)
+
+    async def forward_cancel(self, process_id: int, secret_key: int, route: bool = True) -> None:
+        """Send the upstream CancelRequest for one of our keys (routing it to its worker)."""
+        owner = (process_id >> 24) & 0x7F
+        if route and self.worker_group is not None and owner != self.worker_id:
+            await self._route_cancel(owner, process_id, secret_key)
+            return
         target = self.cancel_map.get((process_id, secret_key))
         if target is None:
             log.info("cancel request for an unknown key ignored")
@@ -784,6 +828,8 @@ class Gateway:
             )
         sockets = self.server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else None
+        if self.worker_group is not None:
+            await self._start_cancel_listener()
         if self.settings.limits.idle_timeout > 0:
             task = loop.create_task(self._idle_reaper())
             self._tasks.add(task)
@@ -795,15 +841,17 @@ class Gateway:
             await asyncio.sleep(min(1.0, timeout / 2))
             now = time.monotonic()
             for session in list(self.sessions):
-                if session.upstream is not None and now - session.last_active > timeout:
-                    if session.core.idle():
-                        session.end(IDLE_TIMEOUT)
+                stale = now - session.last_active > timeout
+                if stale and session.upstream is not None and session.core.idle():
+                    session.end(IDLE_TIMEOUT)
 
     async def drain(self, deadline: float) -> None:
         """Stop accepting, end idle sessions, wait for busy ones up to ``deadline`` seconds."""
         self.draining = True
         if self.server is not None:
             self.server.close()
+        if self._cancel_server is not None:
+            self._cancel_server.close()
         for session in list(self.sessions):
             session.end(SHUTTING_DOWN)
         end = time.monotonic() + deadline

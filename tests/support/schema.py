@@ -109,3 +109,25 @@ def _jsonb_text(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_jsonb_text(v) for v in value) + "]"
     return json.dumps(value)
+
+
+def pg_timestamptz_text(value: datetime) -> str:
+    """``value`` as PostgreSQL prints a timestamptz with DateStyle ISO and TimeZone UTC."""
+    v = value.astimezone(UTC)
+    text = v.strftime("%Y-%m-%d %H:%M:%S")
+    if v.microsecond:
+        text += "." + f"{v.microsecond:06d}".rstrip("0")
+    return text + "+00"
+
+
+def item_psql_row(it: Item, sep: str = "|") -> str:
+    """The row as ``psql -At`` prints ``SELECT id, name, price, created, data, blob``."""
+    cells = [
+        str(it.id),
+        it.name,
+        str(it.price),
+        pg_timestamptz_text(it.created),
+        item_json(it) or "",
+        "" if it.blob is None else "\\x" + it.blob.hex(),
+    ]
+    return sep.join(cells)

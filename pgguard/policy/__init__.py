@@ -1,0 +1,1 @@
+"""Statement analysis and guard rules. Pure functions: no I/O, no awaits."""

@@ -1,0 +1,104 @@
+"""The identity guard: clients may not change who they are on the upstream session.
+
+Refuses ``SET ROLE``, ``SET SESSION AUTHORIZATION``, their ``RESET`` forms, ``SET pgguard.*``
+(except ``pgguard.prompt_id``), ``set_config()`` on any of those (or with a name that is not a
+constant), and ``DISCARD ALL`` when pgguard chose the upstream role (it would drop the role).
+Parsing uses pglast, PostgreSQL's own parser; a statement it cannot parse is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pglast import parser
+
+RULE = "identity-guard"
+PROMPT_ID = "pgguard.prompt_id"
+_PROTECTED = frozenset({"role", "session_authorization", "is_superuser"})
+# Cheap pre-filter: a statement containing none of these cannot touch identity settings.
+# ``u&`` catches Unicode-escaped identifiers such as U&"\0072ole".
+_TRIGGERS = ("role", "session", "authoriz", "pgguard", "set_config", "discard", "u&")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A statement pgguard will not send, and the rule that says so."""
+
+    rule: str
+    message: str
+    sqlstate: str = "42501"
+
+    def text(self) -> str:
+        return f"pgguard: {self.rule}: {self.message}"
+
+
+def protected_setting(name: str) -> bool:
+    lowered = name.lower()
+    if lowered in _PROTECTED:
+        return True
+    return lowered.startswith("pgguard.") and lowered != PROMPT_ID
+
+
+def _walk(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(value, dict):
+                    if key[:1].isupper():
+                        yield key, value
+                    stack.append(value)
+                elif isinstance(value, list):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _const_string(node: dict[str, Any]) -> str | None:
+    const = node.get("A_Const")
+    if const is None:
+        # A cast of a constant, e.g. 'role'::text
+        cast = node.get("TypeCast")
+        if cast is not None:
+            return _const_string(cast.get("arg", {}))
+        return None
+    sval = const.get("sval")
+    if isinstance(sval, dict):
+        value = sval.get("sval", "")
+        return str(value)
+    return None
+
+
+def check_identity(sql: str, role_mapped: bool) -> Refusal | None:
+    """A Refusal if ``sql`` would change the session's identity, else None."""
+    lowered = sql.lower()
+    if not any(t in lowered for t in _TRIGGERS):
+        return None
+    try:
+        tree = json.loads(parser.parse_sql_json(sql))
+    except parser.ParseError as exc:
+        return Refusal("parser", f"statement could not be analysed: {exc}", "42601")
+    for kind, node in _walk(tree):
+        if kind == "VariableSetStmt":
+            name = str(node.get("name", ""))
+            if name and protected_setting(name):
+                return Refusal(RULE, f'changing "{name}" is not allowed through pgguard')
+        elif kind == "DiscardStmt":
+            if role_mapped and node.get("target") == "DISCARD_ALL":
+                return Refusal(
+                    RULE, "DISCARD ALL would reset the role pgguard chose; use DISCARD PLANS etc."
+                )
+        elif kind == "FuncCall":
+            names = [n.get("String", {}).get("sval", "") for n in node.get("funcname", [])]
+            if names and names[-1].lower() == "set_config":
+                args = node.get("args") or []
+                setting = _const_string(args[0]) if args else None
+                if setting is None:
+                    return Refusal(RULE, "set_config() with a non-constant name is not allowed")
+                if protected_setting(setting):
+                    return Refusal(RULE, f'changing "{setting}" is not allowed through pgguard')
+    return None

@@ -1,0 +1,1065 @@
+#!/usr/bin/env python3
+"""Benchmark pgguard against direct PostgreSQL and pgbouncer; write docs/benchmarks.md.
+
+One private PostgreSQL cluster (``pgguard.embedded.EmbeddedPostgres``) holds a
+``pgbench -i -s 10`` database. Three targets serve it:
+
+* ``direct``: PostgreSQL itself, as the ``pgguard`` role with its SCRAM password;
+* ``pgguard``: ``pgguard serve`` in a subprocess, logged into with a minted JWT;
+* ``pgbouncer``: pgbouncer in session pooling (installed with apt-get when missing).
+
+``pgbench -S`` runs for every (mode, clients) cell against every target, in alternating
+order, ``--rounds`` times; the report quotes median TPS and ratios, the proxies' CPU time per
+transaction, and their memory with 1,000 idle authenticated connections.
+
+Usage::
+
+    .venv/bin/python scripts/bench.py --output docs/benchmarks.md     # what `make bench` runs
+    .venv/bin/python scripts/bench.py --quick                           # smoke run (3 s, 1 round)
+    .venv/bin/python scripts/bench.py --workers 2 --duration 20 --rounds 3
+
+Everything started here is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import pwd
+import re
+import resource
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgguard.embedded import EmbeddedPostgres, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = 10
+DBNAME = "bench"
+UPSTREAM_ROLE = "pgguard"
+BENCH_SUB = "bench-user"
+TARGETS = ("direct", "pgguard", "pgbouncer")
+MODES = ("simple", "extended", "prepared")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
+TXN_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- /proc helpers
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (index 0 is the state)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its live descendants."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if Path(f"/proc/{pid}").exists():
+            tree.append(pid)
+            todo.extend(parents.get(pid, []))
+    return tree
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime (plus reaped children's) of ``pids``, in seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / CLK_TCK
+
+
+def _status_kib(path: str, key: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    return sum(_status_kib(f"/proc/{pid}/status", "VmRSS") for pid in pids)
+
+
+def pss_kib(pids: Sequence[int]) -> int:
+    return sum(_status_kib(f"/proc/{pid}/smaps_rollup", "Pss") for pid in pids)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Service:
+    """A subprocess in its own session, stopped with SIGTERM then SIGKILL to its group."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_file: Path
+    pid_filter: Callable[[int], bool] = lambda _pid: True
+
+    def pids(self) -> list[int]:
+        return [p for p in process_tree(self.proc.pid) if self.pid_filter(p)]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # A worker that outlived its parent is still in the group.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        log(f"{self.name} stopped")
+
+    def wait_listening(self, host: str, port: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise BenchError(
+                    f"{self.name} exited with status {self.proc.returncode}:\n"
+                    + _tail(self.log_file)
+                )
+            if _port_open(host, port):
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} did not listen on {host}:{port}:\n" + _tail(self.log_file))
+
+
+def spawn(
+    name: str, argv: list[str], env: dict[str, str], log_file: Path
+) -> subprocess.Popen[bytes]:
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
+        )
+
+
+@dataclass
+class Target:
+    name: str
+    host: str
+    port: int
+    user: str
+    password: str
+    service: Service | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(PGPASSWORD=self.password, PGSSLMODE="disable", PGGSSENCMODE="disable")
+        return env
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def run_checked(argv: list[str], what: str, **kwargs: Any) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        raise BenchError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return str(proc.stdout)
+
+
+def find_tool(pg: EmbeddedPostgres, name: str) -> str:
+    candidate = pg.bindir / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise BenchError(f"{name} not found (install postgresql-client / postgresql-contrib)")
+    return found
+
+
+def start_postgres(stack: ExitStack) -> tuple[EmbeddedPostgres, str]:
+    password = secrets.token_urlsafe(18)
+    pg = EmbeddedPostgres(
+        extra_conf={
+            "max_connections": "1200",
+            "shared_buffers": "256MB",  # the scale-10 data set (~160 MB) stays in memory
+            "log_min_messages": "warning",
+        }
+    )
+    log(f"starting PostgreSQL from {pg.bindir}")
+    stack.callback(pg.stop, "immediate")
+    pg.start()
+    pg.psql(
+        f"SET password_encryption = 'scram-sha-256';\n"
+        f"CREATE ROLE {UPSTREAM_ROLE} LOGIN SUPERUSER PASSWORD '{password}';\n"
+        f"CREATE DATABASE {DBNAME} OWNER {UPSTREAM_ROLE};\n"
+    )
+    direct = Target("direct", pg.host, pg.port, UPSTREAM_ROLE, password)
+    log(f"pgbench -i -s {SCALE} {DBNAME}")
+    run_checked(
+        [
+            find_tool(pg, "pgbench"),
+            "-i",
+            "-s",
+            str(SCALE),
+            "-q",
+            "-h",
+            pg.host,
+            "-p",
+            str(pg.port),
+            "-U",
+            UPSTREAM_ROLE,
+            DBNAME,
+        ],
+        "pgbench -i",
+        env=direct.env(),
+    )
+    pg.psql("VACUUM ANALYZE;", dbname=DBNAME)
+    return pg, password
+
+
+def pgguard_executable() -> str:
+    for candidate in (Path(sys.executable).parent / "pgguard", ROOT / ".venv" / "bin" / "pgguard"):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("pgguard")
+    if found is None:
+        raise BenchError("the pgguard command is not installed (make venv)")
+    return found
+
+
+def start_pgguard(
+    stack: ExitStack, workdir: Path, pg: EmbeddedPostgres, upstream_password: str, workers: int
+) -> Target:
+    from pgguard.identity import mint_token
+
+    jwt_secret = secrets.token_urlsafe(32)
+    port, admin_port = free_port(), free_port()
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "upstream": {
+            "host": pg.host,
+            "port": pg.port,
+            "user": UPSTREAM_ROLE,
+            "password_env": "PGGUARD_UPSTREAM_PASSWORD",
+            "sslmode": "disable",
+        },
+        "identity": {"algorithms": ["HS256"], "secret_env": "PGGUARD_JWT_SECRET"},
+        "policies": [],
+        "audit": {"url": None},
+        "limits": {"max_connections": 2000, "drain_timeout": "2s"},
+        "log": {"level": "warning"},
+    }
+    config_path = workdir / "pgguard.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGGUARD_")}
+    env.update(PGGUARD_JWT_SECRET=jwt_secret, PGGUARD_UPSTREAM_PASSWORD=upstream_password)
+    argv = [pgguard_executable(), "serve", "--config", str(config_path), "--workers", str(workers)]
+    log(f"starting {shlex.join(argv)}")
+    log_file = workdir / "pgguard.log"
+    service = Service("pgguard", spawn("pgguard", argv, env, log_file), log_file)
+    stack.callback(service.stop)
+    service.wait_listening("127.0.0.1", port)
+    token = mint_token(jwt_secret, BENCH_SUB, groups=["bench"], ttl=3600)
+    return Target("pgguard", "127.0.0.1", port, BENCH_SUB, token, service)
+
+
+def ensure_pgbouncer() -> tuple[str | None, str]:
+    """The pgbouncer binary, installing it with apt-get as root; else (None, why not)."""
+
+    def find() -> str | None:
+        return shutil.which("pgbouncer") or (
+            "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
+        )
+
+    found = find()
+    if found:
+        return found, ""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return None, "pgbouncer is not installed and cannot be installed (not root or no apt-get)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "pgbouncer"]
+    log("installing pgbouncer: " + shlex.join(install))
+    proc = subprocess.run(install, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        proc = subprocess.run(install, capture_output=True, text=True, env=env)
+    found = find()
+    if found:
+        return found, ""
+    return None, "pgbouncer could not be installed: " + proc.stderr.strip()[-300:]
+
+
+def start_pgbouncer(
+    stack: ExitStack, exe: str, pg: EmbeddedPostgres, password: str, idle_connections: int
+) -> Target:
+    run_as = "postgres" if os.geteuid() == 0 else None
+    workdir = Path(tempfile.mkdtemp(prefix="pgguard-bench-pgbouncer-"))
+    stack.callback(shutil.rmtree, workdir, True)
+    workdir.chmod(0o755)
+    port = free_port()
+    (workdir / "userlist.txt").write_text(f'"{UPSTREAM_ROLE}" "{password}"\n')
+    ini = f"""\
+[databases]
+{DBNAME} = host={pg.host} port={pg.port} dbname={DBNAME}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {workdir / "userlist.txt"}
+pool_mode = session
+; session pooling: every client holds a server connection, so the pool must fit the
+; idle-connection test as well as pgbench -c 8
+default_pool_size = {idle_connections + 50}
+max_client_conn = 2000
+max_db_connections = 0
+server_tls_sslmode = disable
+logfile = {workdir / "pgbouncer.log"}
+pidfile = {workdir / "pgbouncer.pid"}
+log_connections = 0
+log_disconnections = 0
+ignore_startup_parameters = extra_float_digits
+"""
+    (workdir / "pgbouncer.ini").write_text(ini)
+    if run_as is not None:
+        info = pwd.getpwnam(run_as)
+        for path in (workdir, *workdir.iterdir()):
+            os.chown(path, info.pw_uid, info.pw_gid)
+        (workdir / "userlist.txt").chmod(0o600)
+    argv = [exe, str(workdir / "pgbouncer.ini")]
+    if run_as is not None:
+        argv = ["runuser", "-u", run_as, "--", *argv]
+    log(f"starting {shlex.join(argv)}")
+    log_file = workdir / "stdout.log"
+    service = Service(
+        "pgbouncer",
+        spawn("pgbouncer", argv, dict(os.environ), log_file),
+        workdir / "pgbouncer.log",
+        pid_filter=lambda pid: comm(pid) == "pgbouncer",
+    )
+    stack.callback(service.stop)
+    service.wait_listening("127.0.0.1", port)
+    return Target("pgbouncer", "127.0.0.1", port, UPSTREAM_ROLE, password, service)
+
+
+def check_connects(psql: str, target: Target) -> str | None:
+    """None when ``select 1`` works through ``target``, else the error."""
+    proc = subprocess.run(
+        [
+            psql,
+            "-X",
+            "-At",
+            "-h",
+            target.host,
+            "-p",
+            str(target.port),
+            "-U",
+            target.user,
+            "-d",
+            DBNAME,
+            "-c",
+            "select 1",
+        ],
+        capture_output=True,
+        text=True,
+        env=target.env(),
+        timeout=30,
+    )
+    if proc.returncode == 0 and proc.stdout.strip() == "1":
+        return None
+    return (proc.stderr or proc.stdout).strip() or f"psql exited {proc.returncode}"
+
+
+# --------------------------------------------------------------------------- pgbench matrix
+
+
+@dataclass
+class Run:
+    tps: float | None
+    transactions: int | None
+    cpu_us_per_tx: float | None
+    error: str | None = None
+
+
+@dataclass
+class Cell:
+    mode: str
+    clients: int
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def tps(self, target: str) -> float | None:
+        values = [r.tps for r in self.runs.get(target, []) if r.tps is not None]
+        return statistics.median(values) if values else None
+
+    def cpu(self, target: str) -> float | None:
+        values = [r.cpu_us_per_tx for r in self.runs.get(target, []) if r.cpu_us_per_tx]
+        return statistics.median(values) if values else None
+
+
+def jobs_for(clients: int) -> int:
+    return 1 if clients <= 1 else 2
+
+
+def pgbench_argv(pgbench: str, target: Target, mode: str, clients: int, duration: int) -> list[str]:
+    return [
+        pgbench,
+        "-n",
+        "-S",
+        "-M",
+        mode,
+        "-c",
+        str(clients),
+        "-j",
+        str(jobs_for(clients)),
+        "-T",
+        str(duration),
+        "-h",
+        target.host,
+        "-p",
+        str(target.port),
+        "-U",
+        target.user,
+        DBNAME,
+    ]
+
+
+def run_pgbench(pgbench: str, target: Target, mode: str, clients: int, duration: int) -> Run:
+    argv = pgbench_argv(pgbench, target, mode, clients, duration)
+    pids = target.service.pids() if target.service is not None else []
+    cpu_before = cpu_seconds(pids)
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, env=target.env(), timeout=duration + 120
+        )
+    except subprocess.TimeoutExpired:
+        return Run(None, None, None, "pgbench timed out")
+    cpu_used = cpu_seconds(pids) - cpu_before
+    tps, txn = TPS_RE.search(proc.stdout), TXN_RE.search(proc.stdout)
+    if proc.returncode != 0 or tps is None or txn is None:
+        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+        return Run(None, None, None, f"exit {proc.returncode}: " + " | ".join(detail))
+    transactions = int(txn.group(1))
+    cpu_us = cpu_used * 1e6 / transactions if pids and transactions else None
+    return Run(float(tps.group(1)), transactions, cpu_us)
+
+
+def run_matrix(
+    pgbench: str,
+    targets: list[Target],
+    modes: list[str],
+    clients_list: list[int],
+    duration: int,
+    rounds: int,
+) -> list[Cell]:
+    cells = []
+    for mode in modes:
+        for clients in clients_list:
+            cell = Cell(mode, clients, {t.name: [] for t in targets})
+            for round_no in range(1, rounds + 1):
+                for target in targets:
+                    run = run_pgbench(pgbench, target, mode, clients, duration)
+                    cell.runs[target.name].append(run)
+                    shown = f"{run.tps:,.0f} tps" if run.tps is not None else f"FAILED {run.error}"
+                    if run.cpu_us_per_tx is not None:
+                        shown += f", {run.cpu_us_per_tx:.1f} µs CPU/tx"
+                    log(f"-M {mode} -c {clients} round {round_no} {target.name}: {shown}")
+            cells.append(cell)
+    return cells
+
+
+# --------------------------------------------------------------------------- idle connections
+
+
+@dataclass
+class Memory:
+    target: str
+    processes: int
+    connections: int
+    rss_before_kib: int
+    rss_after_kib: int
+    pss_before_kib: int
+    pss_after_kib: int
+    error: str | None = None
+
+    @property
+    def per_connection_kib(self) -> float:
+        return (self.rss_after_kib - self.rss_before_kib) / max(self.connections, 1)
+
+
+async def _hold_idle(target: Target, count: int, concurrency: int = 64) -> Memory:
+    import asyncpg
+
+    assert target.service is not None
+    pids = target.service.pids()
+    rss_before, pss_before = rss_kib(pids), pss_kib(pids)
+    connections: list[Any] = []
+    errors: list[BaseException] = []
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            try:
+                conn = await asyncpg.connect(
+                    host=target.host,
+                    port=target.port,
+                    user=target.user,
+                    password=target.password,
+                    database=DBNAME,
+                    ssl=False,
+                    timeout=60,
+                    statement_cache_size=0,
+                )
+            except Exception as exc:
+                errors.append(exc)
+                return
+            connections.append(conn)
+            try:
+                await conn.fetchval("select 1")
+            except Exception as exc:
+                errors.append(exc)
+
+    try:
+        await asyncio.gather(*(one() for _ in range(count)))
+        await asyncio.sleep(2.0)  # let the proxy settle (buffers, GC)
+        pids = target.service.pids()
+        return Memory(
+            target.name,
+            len(pids),
+            len(connections) - len(errors),
+            rss_before,
+            rss_kib(pids),
+            pss_before,
+            pss_kib(pids),
+            f"{len(errors)} of {count} failed: {errors[0]!r}" if errors else None,
+        )
+    finally:
+
+        async def close(conn: Any) -> None:
+            try:
+                await asyncio.wait_for(conn.close(), 10)
+            except Exception:
+                conn.terminate()
+
+        await asyncio.gather(*(close(c) for c in connections))
+
+
+def measure_idle(target: Target, count: int, pg: EmbeddedPostgres) -> Memory:
+    log(f"opening {count} idle connections through {target.name}")
+    memory = asyncio.run(_hold_idle(target, count))
+    log(
+        f"{target.name}: RSS {memory.rss_before_kib / 1024:.1f} → "
+        f"{memory.rss_after_kib / 1024:.1f} MiB, {memory.per_connection_kib:.1f} KiB/connection"
+        + (f" ({memory.error})" if memory.error else "")
+    )
+    # Wait for the upstream backends to go before the next proxy needs them.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        out = pg.psql(
+            "select count(*) from pg_stat_activity where backend_type = 'client backend'",
+            check=False,
+        )
+        if out.strip().isdigit() and int(out.strip()) < 60:
+            break
+        time.sleep(0.5)
+    return memory
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    command: str
+    started: dt.datetime
+    machine: dict[str, str]
+    targets: list[str]
+    notes: list[str]
+    cells: list[Cell] = field(default_factory=list)
+    memory: list[Memory] = field(default_factory=list)
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    out = (proc.stdout or proc.stderr).strip().splitlines()
+    return out[0] if out else "unknown"
+
+
+def machine_info(pg: EmbeddedPostgres, pgbouncer: str | None) -> dict[str, str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pg_version = pg.psql("show server_version").strip() or "unknown"
+    try:
+        pgguard_version = metadata.version("pgguard")
+    except metadata.PackageNotFoundError:
+        pgguard_version = "unknown"
+    return {
+        "CPUs (nproc)": str(os.cpu_count()),
+        "CPU model": model,
+        "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "PostgreSQL": pg_version,
+        "pgbench": _first_line([find_tool(pg, "pgbench"), "--version"]),
+        "pgbouncer": _first_line([pgbouncer, "--version"]) if pgbouncer else "not run",
+        "pgguard": pgguard_version,
+    }
+
+
+def fmt_tps(value: float | None) -> str:
+    return f"{value:,.0f}" if value is not None else "n/a"
+
+
+def fmt_ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}" if num is not None and den else "n/a"
+
+
+def fmt_us(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "n/a"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("| " + " | ".join("---" if i < 2 else "---:" for i in range(len(header))) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def section_header(ctx: Context) -> str:
+    a = ctx.args
+    lines = [
+        "# pgguard benchmarks",
+        "",
+        f"Generated {ctx.started:%Y-%m-%d %H:%M} UTC by `scripts/bench.py`"
+        " (regenerate with `make bench`).",
+        "",
+        "## Setup",
+        "",
+        f"- Command: `{ctx.command}`",
+        f"- Matrix: pgbench -n -S, modes {', '.join(a.modes)}, clients "
+        f"{', '.join(map(str, a.clients))} (-j 1 for one client, else -j 2), "
+        f"-T {a.duration} s, {a.rounds} round(s) per target, alternating "
+        f"{' → '.join(ctx.targets)}; medians quoted.",
+        f"- Data: `pgbench -i -s {SCALE}` in a private cluster (fsync off, "
+        "synchronous_commit off, shared_buffers 256MB, max_connections 1200).",
+        f"- pgguard: `pgguard serve --workers {a.workers}`, no policies, audit off, log level "
+        "warning, plaintext on loopback, upstream sslmode disable; clients log in with a "
+        "minted HS256 JWT as the password.",
+        "- pgbouncer: pool_mode session (pgguard holds one upstream session per client too), "
+        "SCRAM auth, plaintext, connection logging off.",
+        "- direct: PostgreSQL itself over TCP on loopback, SCRAM auth.",
+        "",
+        "Machine:",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in ctx.machine.items()]
+    if ctx.notes:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {note}" for note in ctx.notes]
+    return "\n".join(lines)
+
+
+def section_how_to_read(ctx: Context) -> str:
+    return "\n".join(
+        [
+            "## How to read this",
+            "",
+            f"This runs on a shared {ctx.machine['CPUs (nproc)']}-core machine: pgbench, "
+            "PostgreSQL and the proxy all compete for the same cores, so absolute TPS are "
+            "low and noisy and a proxy's cost shows up partly as CPU taken from PostgreSQL "
+            "and pgbench. Quote the medians and the ratios, not single runs, and compare "
+            "runs made on the same machine only. `pgguard/direct` is the share of direct "
+            "throughput left with pgguard in the path; `pgguard/pgbouncer` compares it with "
+            "a mature C proxy doing the same session-per-client relaying. CPU µs/tx is the "
+            "proxy's own user+system CPU time (all its processes) during the run divided by "
+            "the transactions pgbench completed; it includes the connection setup of the "
+            "run's few clients. `-M simple` sends one Query message per transaction, "
+            "`extended` Parse/Bind/Execute each time, `prepared` Bind/Execute of a prepared "
+            "statement.",
+        ]
+    )
+
+
+def section_passthrough(ctx: Context) -> str:
+    header = [
+        "mode",
+        "clients",
+        "direct TPS",
+        "pgguard TPS",
+        "pgbouncer TPS",
+        "pgguard/direct",
+        "pgguard/pgbouncer",
+        "pgbouncer/direct",
+        "pgguard CPU µs/tx",
+        "pgbouncer CPU µs/tx",
+    ]
+    rows = []
+    for cell in ctx.cells:
+        d, g, b = cell.tps("direct"), cell.tps("pgguard"), cell.tps("pgbouncer")
+        rows.append(
+            [
+                cell.mode,
+                str(cell.clients),
+                fmt_tps(d),
+                fmt_tps(g),
+                fmt_tps(b),
+                fmt_ratio(g, d),
+                fmt_ratio(g, b),
+                fmt_ratio(b, d),
+                fmt_us(cell.cpu("pgguard")),
+                fmt_us(cell.cpu("pgbouncer")),
+            ]
+        )
+    raw_rows = []
+    failures = []
+    for cell in ctx.cells:
+        for target, runs in cell.runs.items():
+            raw_rows.append(
+                [
+                    cell.mode,
+                    str(cell.clients),
+                    target,
+                    ", ".join(fmt_tps(r.tps) if r.tps is not None else "failed" for r in runs),
+                ]
+            )
+            failures += [
+                f"-M {cell.mode} -c {cell.clients} {target}: {r.error}" for r in runs if r.error
+            ]
+    lines = [
+        "## Pass-through (pgbench -S)",
+        "",
+        "Median TPS (without initial connection time) per cell and target; ratios of the "
+        "medians; proxy CPU time per transaction (median).",
+        "",
+        table(header, rows),
+        "",
+        "<details><summary>Every run (TPS, in run order)</summary>",
+        "",
+        table(["mode", "clients", "target", "TPS per round"], raw_rows),
+        "",
+        "</details>",
+    ]
+    if failures:
+        lines += ["", "Failed runs:", ""] + [f"- {f}" for f in failures]
+    return "\n".join(lines)
+
+
+def section_memory(ctx: Context) -> str:
+    count = ctx.args.idle_connections
+    lines = [f"## Memory: {count:,} idle authenticated connections", ""]
+    if not ctx.memory:
+        return "\n".join([*lines, "Not measured."])
+    lines += [
+        f"Each proxy gets {count:,} connections (asyncpg, 64 at a time), each authenticated "
+        "and having run `select 1` once, then held idle for 2 s. RSS is VmRSS from "
+        "/proc/<pid>/status summed over the proxy's processes (with --workers: the serve "
+        "process and its workers); PSS (smaps_rollup) counts pages shared between forked "
+        "workers once. Per connection = (RSS after - RSS before) / connections; it includes "
+        "the proxy's upstream connection for each client.",
+        "",
+    ]
+    rows = []
+    for m in ctx.memory:
+        rows.append(
+            [
+                m.target,
+                str(m.processes),
+                f"{m.connections:,}",
+                f"{m.rss_before_kib / 1024:.1f}",
+                f"{m.rss_after_kib / 1024:.1f}",
+                f"{(m.rss_after_kib - m.rss_before_kib) / 1024:.1f}",
+                f"{m.per_connection_kib:.1f}",
+                f"{m.pss_after_kib / 1024:.1f}",
+            ]
+        )
+    lines.append(
+        table(
+            [
+                "proxy",
+                "processes",
+                "connections",
+                "RSS before (MiB)",
+                "RSS with connections (MiB)",
+                "delta (MiB)",
+                "per connection (KiB)",
+                "PSS with connections (MiB)",
+            ],
+            rows,
+        )
+    )
+    errors = [f"- {m.target}: {m.error}" for m in ctx.memory if m.error]
+    if errors:
+        lines += ["", "Errors:", "", *errors]
+    return "\n".join(lines)
+
+
+# Sections in document order; a later benchmark appends its own function here.
+SECTIONS: list[Callable[[Context], str]] = [
+    section_header,
+    section_how_to_read,
+    section_passthrough,
+    section_memory,
+]
+
+
+def render(ctx: Context) -> str:
+    return "\n\n".join(section(ctx) for section in SECTIONS) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _csv_ints(value: str) -> list[int]:
+    try:
+        items = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {value!r}") from exc
+    if not items or any(i < 1 for i in items):
+        raise argparse.ArgumentTypeError("client counts must be positive")
+    return items
+
+
+def _csv_modes(value: str) -> list[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in items if x not in MODES]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {value!r}")
+    return items
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark pgguard against direct PostgreSQL and pgbouncer (pgbench -S).",
+    )
+    parser.add_argument("--duration", type=int, default=None, help="pgbench -T seconds (10)")
+    parser.add_argument("--rounds", type=int, default=None, help="runs per cell and target (2)")
+    parser.add_argument("--workers", type=int, default=1, help="pgguard serve --workers (1)")
+    parser.add_argument("--output", type=Path, default=None, help="write the Markdown report")
+    parser.add_argument("--skip-pgbouncer", action="store_true", help="leave pgbouncer out")
+    parser.add_argument(
+        "--skip-pgguard", action="store_true", help="leave pgguard out (tests the harness)"
+    )
+    parser.add_argument("--clients", type=_csv_ints, default=[1, 8], help='e.g. "1,8" (default)')
+    parser.add_argument(
+        "--modes",
+        type=_csv_modes,
+        default=list(MODES),
+        help='pgbench -M modes, default "simple,extended,prepared"',
+    )
+    parser.add_argument(
+        "--idle-connections", type=int, default=1000, help="connections for the memory test"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: --duration 3 --rounds 1")
+    args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = 3 if args.quick else 10
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
+    if args.duration < 1 or args.rounds < 1 or args.workers < 1 or args.idle_connections < 0:
+        parser.error("--duration, --rounds and --workers must be positive")
+    return args
+
+
+def command_line(argv: Sequence[str]) -> str:
+    exe = Path(sys.executable)
+    with suppress(ValueError):
+        exe = exe.relative_to(Path.cwd())
+    script = Path(sys.argv[0])
+    with suppress(ValueError):
+        script = script.resolve().relative_to(Path.cwd())
+    return shlex.join([str(exe), str(script), *argv])
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+@contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every finally block runs."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(args: argparse.Namespace, command: str) -> Context:
+    started = dt.datetime.now(dt.UTC)
+    notes: list[str] = []
+    raise_fd_limit()
+    with ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="pgguard-bench-"))
+        stack.callback(shutil.rmtree, workdir, True)
+        pg, password = start_postgres(stack)
+        pgbench, psql = find_tool(pg, "pgbench"), find_tool(pg, "psql")
+        direct = Target("direct", pg.host, pg.port, UPSTREAM_ROLE, password)
+        targets = [direct]
+
+        if not args.skip_pgguard:
+            guard = start_pgguard(stack, workdir, pg, password, args.workers)
+            problem = check_connects(psql, guard)
+            if problem is not None:
+                raise BenchError(
+                    f"cannot run select 1 through pgguard: {problem}\n"
+                    + _tail(guard.service.log_file if guard.service else workdir / "x")
+                )
+            targets.append(guard)
+        else:
+            notes.append("pgguard was skipped (--skip-pgguard).")
+
+        pgbouncer_exe: str | None = None
+        if args.skip_pgbouncer:
+            notes.append("pgbouncer was skipped (--skip-pgbouncer).")
+        else:
+            pgbouncer_exe, why = ensure_pgbouncer()
+            if pgbouncer_exe is None:
+                notes.append(f"pgbouncer column skipped: {why}")
+                log(why)
+            else:
+                bouncer = start_pgbouncer(stack, pgbouncer_exe, pg, password, args.idle_connections)
+                problem = check_connects(psql, bouncer)
+                if problem is not None:
+                    raise BenchError(
+                        f"cannot run select 1 through pgbouncer: {problem}\n"
+                        + _tail(bouncer.service.log_file if bouncer.service else workdir / "x")
+                    )
+                targets.append(bouncer)
+
+        ctx = Context(
+            args=args,
+            command=command,
+            started=started,
+            machine=machine_info(pg, pgbouncer_exe),
+            targets=[t.name for t in targets],
+            notes=notes,
+        )
+        log("warming up (direct, 3 s)")
+        run_pgbench(pgbench, direct, "simple", max(args.clients), 3)
+        ctx.cells = run_matrix(
+            pgbench, targets, args.modes, args.clients, args.duration, args.rounds
+        )
+        if args.idle_connections:
+            for target in targets:
+                if target.service is not None:
+                    ctx.memory.append(measure_idle(target, args.idle_connections, pg))
+        return ctx
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw_argv)
+    try:
+        with signals_as_interrupt():
+            ctx = run(args, command_line(raw_argv))
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        return 130
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 1
+    report = render(ctx)
+    print(report)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report)
+        log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

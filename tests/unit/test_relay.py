@@ -1,0 +1,121 @@
+"""The relay's protocol state, byte for byte, without sockets."""
+
+from __future__ import annotations
+
+from pgguard.protocol import messages as m
+from pgguard.protocol.framing import MessageReader
+from pgguard.protocol.relay import SHUTTING_DOWN, TOKEN_EXPIRED, RelayCore
+
+LIMIT = 1 << 20
+
+
+def joined(pieces: list[bytes] | list[bytes | object]) -> bytes:
+    return b"".join(p if isinstance(p, bytes) else p.raw for p in pieces)  # type: ignore[attr-defined]
+
+
+def decode_all(data: bytes) -> list[m.Message]:
+    reader = MessageReader(LIMIT)
+    reader.feed(data)
+    out = []
+    while (msg := reader.next_message()) is not None:
+        out.append(m.decode_backend(*msg))
+    return out
+
+
+EXTENDED = (
+    m.Parse("", "select $1", ()).encode()
+    + m.Bind("", "", (), (b"1",), ()).encode()
+    + m.Describe(b"P", "").encode()
+    + m.Execute("", 0).encode()
+    + m.Sync().encode()
+)
+REPLY = (
+    m.ParseComplete().encode()
+    + m.BindComplete().encode()
+    + m.RowDescription((m.FieldDescription("x"),)).encode()
+    + m.DataRow((b"1",)).encode()
+    + m.CommandComplete("SELECT 1").encode()
+    + m.ReadyForQuery(b"I").encode()
+)
+
+
+def test_bytes_pass_through_unchanged_whole_and_bytewise() -> None:
+    for chunk in (len(EXTENDED), 1, 3):
+        core = RelayCore(LIMIT)
+        sent = b""
+        for i in range(0, len(EXTENDED), chunk):
+            to_server, to_client = core.from_client(EXTENDED[i : i + chunk])
+            sent += joined(to_server)
+            assert to_client == ()
+        assert sent == EXTENDED
+        assert core.pending == 1
+        got = b""
+        for i in range(0, len(REPLY), chunk):
+            got += joined(core.from_server(REPLY[i : i + chunk]))
+        assert got == REPLY
+        assert core.pending == 0 and core.idle()
+
+
+def test_pipelined_syncs_are_counted() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(EXTENDED * 3 + m.Query("select 1").encode())
+    assert core.pending == 4
+    core.from_server(REPLY * 2)
+    assert core.pending == 2 and not core.idle()
+
+
+def test_transaction_status_tracked() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(m.Query("begin").encode())
+    core.from_server(m.CommandComplete("BEGIN").encode() + m.ReadyForQuery(b"T").encode())
+    assert core.status == b"T"
+
+
+def test_token_expiry_when_idle_ends_now() -> None:
+    core = RelayCore(LIMIT)
+    out = core.end(TOKEN_EXPIRED)
+    assert core.closing
+    [err] = decode_all(out)
+    assert isinstance(err, m.ErrorResponse)
+    assert (err.severity, err.sqlstate, err.message) == ("FATAL", "28000", "pgguard: token expired")
+
+
+def test_token_expiry_mid_statement_waits_for_ready_for_query() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(EXTENDED)
+    assert core.end(TOKEN_EXPIRED) == b""
+    assert not core.closing
+    msgs = decode_all(joined(core.from_server(REPLY)))
+    assert isinstance(msgs[-2], m.ReadyForQuery)
+    assert isinstance(msgs[-1], m.ErrorResponse) and msgs[-1].sqlstate == "28000"
+    assert core.closing
+
+
+def test_shutdown_lets_an_open_transaction_finish() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(m.Query("begin").encode())
+    core.from_server(m.CommandComplete("BEGIN").encode() + m.ReadyForQuery(b"T").encode())
+    assert core.end(SHUTTING_DOWN) == b""
+    core.from_client(m.Query("commit").encode())
+    msgs = decode_all(
+        joined(
+            core.from_server(m.CommandComplete("COMMIT").encode() + m.ReadyForQuery(b"I").encode())
+        )
+    )
+    assert isinstance(msgs[-1], m.ErrorResponse) and msgs[-1].sqlstate == "57P01"
+    assert core.closing
+
+
+def test_terminate_closes() -> None:
+    core = RelayCore(LIMIT)
+    to_server, _ = core.from_client(m.Terminate().encode())
+    assert joined(to_server) == m.Terminate().encode()
+    assert core.terminated and core.closing
+
+
+def test_large_datarow_streams_without_buffering() -> None:
+    core = RelayCore(LIMIT)
+    row = m.DataRow((b"x" * 100_000,)).encode()
+    out = core.from_server(row[:1000])
+    assert joined(out) == row[:1000]  # forwarded before the row is complete
+    assert joined(core.from_server(row[1000:])) == row[1000:]
