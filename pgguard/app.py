@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -30,9 +31,10 @@ async def serve_async(
     gateway.worker_group = worker_group
     await gateway.start()
     log.info(
-        "pgguard listening on %s:%s",
+        "pgguard listening on %s:%s (event loop: %s)",
         settings.listen.host,
         gateway.port,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
         extra={"worker": worker_id},
     )
     if on_ready is not None:

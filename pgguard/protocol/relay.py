@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from pgguard.policy.identity_guard import Refusal
 from pgguard.protocol.framing import Frame, Scanner
@@ -32,6 +33,8 @@ _E = 69
 StatementHook = Callable[[str], Refusal | None]
 
 _NOTHING: tuple[()] = ()
+_UNSEEN = object()
+_VERDICT_CACHE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,7 @@ class RelayCore:
         "_refusals",
         "_seq",
         "_server",
+        "_verdicts",
         "closing",
         "ending",
         "hook",
@@ -75,6 +79,7 @@ class RelayCore:
         self._marker = "pgguard_refused_" + secrets.token_hex(6) + "_"
         self._refusals: dict[str, Refusal] = {}
         self._seq = 0
+        self._verdicts: dict[bytes, Refusal | None | object] = {}
         self._client = Scanner(CLIENT_INTERCEPT, max_message_bytes)
         self._server = Scanner(SERVER_INTERCEPT, max_message_bytes)
         self.status = b"I"  # transaction status from the last ReadyForQuery
@@ -104,56 +109,70 @@ class RelayCore:
             return reason.encode()
         return b""
 
-    def from_client(self, data: bytes) -> tuple[list[bytes | Frame] | list[bytes], tuple[()]]:
+    def from_client(self, data: bytes) -> tuple[list[bytes], tuple[()]]:
         """Client bytes → (to_server, to_client)."""
-        pieces = self._client.feed(data)
+        scanner = self._client
+        aligned = scanner.idle()
+        pieces = scanner.feed(data)
         if len(pieces) == 1 and type(pieces[0]) is bytes:
-            return pieces, _NOTHING
+            return pieces, _NOTHING  # type: ignore[return-value]
         out: list[bytes] = []
+        changed = False
         for piece in pieces:
             if type(piece) is bytes:
                 out.append(piece)
                 continue
-            assert isinstance(piece, Frame)
-            t = piece.type
-            if t in (_S, _F):
+            t, raw = cast(Frame, piece)
+            if t == _S or t == _F:
                 self.pending += 1
             elif t == _Q:
                 self.pending += 1
                 if self.hook is not None:
-                    out.append(self._judge_query(piece.raw))
-                    continue
+                    judged = self._judge(raw, raw[5:-1], False)
+                    if judged is not raw:
+                        changed = True
+                        raw = judged
             elif t == _P:
                 if self.hook is not None:
-                    out.append(self._judge_parse(piece.raw))
-                    continue
+                    i = raw.find(0, 5)
+                    j = raw.find(0, i + 1)
+                    if i < 0 or j < 0:
+                        raise ProtocolError("Parse: unterminated string")
+                    judged = self._judge(raw, raw[i + 1 : j], True)
+                    if judged is not raw:
+                        changed = True
+                        raw = judged
             elif t == _X:
                 self.terminated = True
                 self.closing = True
-            out.append(piece.raw)
+            out.append(raw)
+        if not changed and aligned and scanner.idle():
+            return [data], _NOTHING  # the chunk is whole messages, all unchanged
         return out, _NOTHING
+
+    def _judge(self, raw: bytes, sql: bytes, is_parse: bool) -> bytes:
+        """``raw`` if the statement may go, else its substitute."""
+        cache = self._verdicts
+        refusal = cache.get(sql, _UNSEEN)
+        if refusal is _UNSEEN:
+            assert self.hook is not None
+            refusal = self.hook(sql.decode("utf-8", "surrogateescape"))
+            if len(cache) >= _VERDICT_CACHE:
+                cache.clear()
+            cache[sql] = refusal
+        if refusal is None:
+            return raw
+        token = self._substitute(cast(Refusal, refusal))
+        if is_parse:
+            name = raw[5 : raw.find(0, 5)].decode("utf-8", "surrogateescape")
+            return Parse(name, token, ()).encode()
+        return Query(token).encode()
 
     def _substitute(self, refusal: Refusal) -> str:
         self._seq += 1
         token = f"{self._marker}{self._seq}"
         self._refusals[token] = refusal
         return token
-
-    def _judge_query(self, raw: bytes) -> bytes:
-        query = Query.decode_body(raw[5:])
-        assert self.hook is not None
-        refusal = self.hook(query.sql)
-        if refusal is None:
-            return raw
-        return Query(self._substitute(refusal)).encode()
-
-    def _judge_parse(self, raw: bytes) -> bytes:
-        parse = Parse.decode_body(raw[5:])
-        assert self.hook is not None
-        refusal = self.hook(parse.sql)
-        if refusal is None:
-            return raw
-        return Parse(parse.name, self._substitute(refusal), ()).encode()
 
     def _rewrite_error(self, raw: bytes) -> bytes:
         if not self._refusals or self._marker.encode() not in raw:
@@ -174,30 +193,38 @@ class RelayCore:
             return raw
         return ErrorResponse(error_fields("ERROR", refusal.sqlstate, refusal.text())).encode()
 
-    def from_server(self, data: bytes) -> list[bytes | Frame] | list[bytes]:
+    def from_server(self, data: bytes) -> list[bytes]:
         """Server bytes → bytes for the client."""
-        pieces = self._server.feed(data)
+        scanner = self._server
+        aligned = scanner.idle()
+        pieces = scanner.feed(data)
         if len(pieces) == 1 and type(pieces[0]) is bytes:
-            return pieces
+            return pieces  # type: ignore[return-value]
         out: list[bytes] = []
+        changed = False
         for piece in pieces:
             if type(piece) is bytes:
                 out.append(piece)
                 continue
-            assert isinstance(piece, Frame)
-            if piece.type == _Z:
-                self.status = piece.raw[5:6]
+            t, raw = cast(Frame, piece)
+            if t == _Z:
+                self.status = raw[5:6]
                 if self.pending:
                     self.pending -= 1
                 if self._refusals and self.pending == 0:
                     self._refusals.clear()  # refused requests skipped after an earlier error
-                out.append(piece.raw)
+                out.append(raw)
                 if self.ending is not None and self._can_end():
                     out.append(self.ending.encode())
                     self.closing = True
-                    break
-            elif piece.type == _E:
-                out.append(self._rewrite_error(piece.raw))
+                    return out
+            elif t == _E:
+                rewritten = self._rewrite_error(raw)
+                if rewritten is not raw:
+                    changed = True
+                out.append(rewritten)
             else:
-                out.append(piece.raw)
+                out.append(raw)
+        if not changed and aligned and scanner.idle():
+            return [data]
         return out
