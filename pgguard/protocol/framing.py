@@ -120,98 +120,105 @@ class StartupReader:
         return data
 
 
+_NO_HITS: list[int] = []
+
+
 class Scanner:
     """Streaming splitter for one direction of the relay.
 
-    ``feed(data)`` returns a list whose items are either ``bytes`` (forward as they are) or
-    ``Frame`` (an intercepted message, for the caller to handle). Order is preserved.
+    ``scan(data)`` is the hot path: it walks message headers and returns ``(buf, hits, cut)``.
+    The caller forwards ``buf[:cut]``; ``hits`` are the offsets in ``buf`` of whole intercepted
+    messages (the caller may look at or replace them). Nothing is copied when ``data`` holds
+    whole messages. A pass-through message cut off at the end of ``data`` is forwarded as far
+    as it goes and the rest is passed through on the next call, so memory stays constant;
+    an intercepted message, or a header, cut off at the end is kept back until complete.
+
+    ``feed(data)`` returns the same as a list of ``bytes`` runs and ``Frame`` objects.
     """
 
-    __slots__ = ("_intercept", "_limit", "_pending", "_need", "_skip")
+    __slots__ = ("_intercept", "_limit", "_need", "_pending", "_skip")
 
     def __init__(self, intercept: bytes, max_message_bytes: int) -> None:
-        table = [False] * 256
-        for code in intercept:
-            table[code] = True
-        self._intercept = table
+        self._intercept = self._table(intercept)
         self._limit = max_message_bytes
-        # A partial header (bytes), or a partial intercepted message (a bytearray, so that a
-        # large message arriving in many chunks is appended in place, not copied each time).
-        self._pending: bytes | bytearray = b""
-        self._need = 0  # total size of the intercepted message being collected (0: none)
+        # A partial header, or a partial intercepted message (a bytearray, so that a large
+        # message arriving in many chunks is appended in place, not copied each time).
+        self._pending: bytearray | None = None
+        self._need = 0  # total size of the intercepted message being collected (0: a header)
         self._skip = 0  # bytes of a pass-through message still to forward
 
-    def set_intercept(self, intercept: bytes) -> None:
+    @staticmethod
+    def _table(intercept: bytes) -> list[bool]:
         table = [False] * 256
         for code in intercept:
             table[code] = True
-        self._intercept = table
+        return table
+
+    def set_intercept(self, intercept: bytes) -> None:
+        self._intercept = self._table(intercept)
 
     def idle(self) -> bool:
         """True when no message is partially received."""
-        return not self._pending and not self._skip
+        return self._pending is None and not self._skip
 
-    def feed(self, data: bytes) -> list[bytes | Frame]:
-        out: list[bytes | Frame] = []
-        n = len(data)
+    def buffered(self) -> int:
+        """Bytes held back: a partial header or a partial intercepted message."""
+        return 0 if self._pending is None else len(self._pending)
+
+    def scan(self, data: bytes) -> tuple[bytes, list[int], int]:
         pos = 0
+        buf = data
         if self._skip:
+            n = len(data)
             if self._skip >= n:
                 self._skip -= n
-                return [data]
-            out.append(data[: self._skip])
+                return data, _NO_HITS, n
             pos = self._skip
             self._skip = 0
-        if self._pending:
-            if self._need:
-                # Collecting an intercepted message.
-                want = self._need - len(self._pending)
-                pending = self._pending
-                if n - pos < want:
-                    pending += data[pos:]
-                    return out
-                pending += data[pos : pos + want]
-                raw = bytes(pending)
-                self._pending = b""
-                self._need = 0
-                out.append(Frame(raw[0], raw))
-                pos += want
-            else:
-                # A header split across chunks: prepend it and start over.
-                data = self._pending + data[pos:]
-                self._pending = b""
-                n = len(data)
-                pos = 0
+        elif self._pending is not None:
+            pending = self._pending
+            if self._need and len(pending) + len(data) < self._need:
+                pending += data
+                return b"", _NO_HITS, 0
+            buf = bytes(pending) + data
+            self._pending = None
+            self._need = 0
+        n = len(buf)
+        hits: list[int] = []
         intercept = self._intercept
-        limit = self._limit
+        limit4 = self._limit + 4
         unpack = _LEN.unpack_from
-        run = pos
-        while pos < n:
-            if n - pos < HEADER_SIZE:
-                if run < pos:
-                    out.append(data[run:pos])
-                self._pending = data[pos:]
-                return out
-            t = data[pos]
-            (length,) = unpack(data, pos + 1)
-            if length < 4 or length - 4 > limit:
-                _check_length(t, length, limit)
+        while pos + HEADER_SIZE <= n:
+            t = buf[pos]
+            length = unpack(buf, pos + 1)[0]
+            if not 4 <= length <= limit4:
+                _check_length(t, length, self._limit)
             end = pos + 1 + length
-            if intercept[t]:
-                if run < pos:
-                    out.append(data[run:pos])
-                if end <= n:
-                    out.append(Frame(t, data[pos:end]))
-                    pos = run = end
-                    continue
-                self._pending = bytearray(data[pos:])
-                self._need = end - pos
-                return out
             if end > n:
+                if intercept[t]:
+                    self._pending = bytearray(buf[pos:])
+                    self._need = end - pos
+                    return buf, hits, pos
                 self._skip = end - n
-                pos = n
-                break
+                return buf, hits, n
+            if intercept[t]:
+                hits.append(pos)
             pos = end
-        if run < pos:
-            out.append(data if run == 0 and pos == n else data[run:pos])
+        if pos < n:
+            self._pending = bytearray(buf[pos:])  # a partial header
+            return buf, hits, pos
+        return buf, hits, n
+
+    def feed(self, data: bytes) -> list[bytes | Frame]:
+        buf, hits, cut = self.scan(data)
+        out: list[bytes | Frame] = []
+        prev = 0
+        for pos in hits:
+            if prev < pos:
+                out.append(buf[prev:pos])
+            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            out.append(Frame(buf[pos], buf[pos:end]))
+            prev = end
+        if prev < cut:
+            out.append(buf if prev == 0 and cut == len(buf) else buf[prev:cut])
         return out

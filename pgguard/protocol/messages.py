@@ -228,14 +228,13 @@ def decode_startup(body: bytes) -> StartupPacket:
         return GSSENCRequest()
     if code == CANCEL_REQUEST_CODE:
         pid = r.int32()
-        key = r.int32()
+        secret = r.int32()
         r.end()
-        return CancelRequest(pid, key)
+        return CancelRequest(pid, secret)
     major = (code & 0xFFFFFFFF) >> 16
     if major != 3:
         raise ProtocolError(
-            f"unsupported frontend protocol {major}.{code & 0xFFFF}: "
-            "server supports 3.0 to 3.0",
+            f"unsupported frontend protocol {major}.{code & 0xFFFF}: server supports 3.0 to 3.0",
             sqlstate="0A000",
         )
     params: list[tuple[str, str]] = []
@@ -321,9 +320,7 @@ class Bind(Message):
         pf = tuple(r.int16() for _ in range(r.count()))
         params = tuple(r.nullable_bytes() for _ in range(r.count()))
         if len(pf) > 1 and len(pf) != len(params):
-            raise ProtocolError(
-                f"Bind: {len(pf)} parameter formats but {len(params)} parameters"
-            )
+            raise ProtocolError(f"Bind: {len(pf)} parameter formats but {len(params)} parameters")
         rf = tuple(r.int16() for _ in range(r.count()))
         r.end()
         return cls(portal, stmt, pf, params, rf)

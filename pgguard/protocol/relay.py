@@ -11,12 +11,13 @@ Query and Parse before the server does. The default hook allows everything.
 from __future__ import annotations
 
 import secrets
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from pgguard.policy.identity_guard import Refusal
-from pgguard.protocol.framing import Frame, Scanner
+from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import ErrorResponse, Parse, ProtocolError, Query, error_fields
 
 # Type bytes as ints, for the hot path.
@@ -32,7 +33,7 @@ _E = 69
 # A statement hook sees the SQL of every Query and Parse and may refuse it.
 StatementHook = Callable[[str], Refusal | None]
 
-_NOTHING: tuple[()] = ()
+_LEN = struct.Struct("!I")
 _UNSEEN = object()
 _VERDICT_CACHE = 4096
 
@@ -79,7 +80,7 @@ class RelayCore:
         self._marker = "pgguard_refused_" + secrets.token_hex(6) + "_"
         self._refusals: dict[str, Refusal] = {}
         self._seq = 0
-        self._verdicts: dict[bytes, Refusal | None | object] = {}
+        self._verdicts: dict[bytes, Refusal | object | None] = {}
         self._client = Scanner(CLIENT_INTERCEPT, max_message_bytes)
         self._server = Scanner(SERVER_INTERCEPT, max_message_bytes)
         self.status = b"I"  # transaction status from the last ReadyForQuery
@@ -109,46 +110,51 @@ class RelayCore:
             return reason.encode()
         return b""
 
-    def from_client(self, data: bytes) -> tuple[list[bytes], tuple[()]]:
-        """Client bytes → (to_server, to_client)."""
-        scanner = self._client
-        aligned = scanner.idle()
-        pieces = scanner.feed(data)
-        if len(pieces) == 1 and type(pieces[0]) is bytes:
-            return pieces, _NOTHING  # type: ignore[return-value]
-        out: list[bytes] = []
-        changed = False
-        for piece in pieces:
-            if type(piece) is bytes:
-                out.append(piece)
+    def from_client(self, data: bytes) -> bytes:
+        """Client bytes → bytes for the server."""
+        buf, hits, cut = self._client.scan(data)
+        if hits:
+            return self._client_messages(buf, hits, cut)
+        return buf if cut == len(buf) else buf[:cut]
+
+    def _client_messages(self, buf: bytes, hits: list[int], cut: int) -> bytes:
+        out: list[bytes] | None = None  # built only when a message is replaced
+        prev = 0
+        for pos in hits:
+            t = buf[pos]
+            if t in (_S, _F):
+                self.pending += 1
                 continue
-            t, raw = cast(Frame, piece)
-            if t == _S or t == _F:
-                self.pending += 1
-            elif t == _Q:
-                self.pending += 1
-                if self.hook is not None:
-                    judged = self._judge(raw, raw[5:-1], False)
-                    if judged is not raw:
-                        changed = True
-                        raw = judged
-            elif t == _P:
-                if self.hook is not None:
-                    i = raw.find(0, 5)
-                    j = raw.find(0, i + 1)
-                    if i < 0 or j < 0:
-                        raise ProtocolError("Parse: unterminated string")
-                    judged = self._judge(raw, raw[i + 1 : j], True)
-                    if judged is not raw:
-                        changed = True
-                        raw = judged
-            elif t == _X:
+            if t == _X:
                 self.terminated = True
                 self.closing = True
-            out.append(raw)
-        if not changed and aligned and scanner.idle():
-            return [data], _NOTHING  # the chunk is whole messages, all unchanged
-        return out, _NOTHING
+                continue
+            if self.hook is None:
+                if t == _Q:
+                    self.pending += 1
+                continue
+            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            if t == _Q:
+                self.pending += 1
+                raw = buf[pos:end]
+                judged = self._judge(raw, raw[5:-1], False)
+            else:  # Parse
+                i = buf.find(0, pos + 5, end)
+                j = buf.find(0, i + 1, end) if i >= 0 else -1
+                if j < 0:
+                    raise ProtocolError("Parse: unterminated string")
+                raw = buf[pos:end]
+                judged = self._judge(raw, buf[i + 1 : j], True)
+            if judged is not raw:
+                if out is None:
+                    out = []
+                out.append(buf[prev:pos])
+                out.append(judged)
+                prev = end
+        if out is None:
+            return buf if cut == len(buf) else buf[:cut]
+        out.append(buf[prev:cut])
+        return b"".join(out)
 
     def _judge(self, raw: bytes, sql: bytes, is_parse: bool) -> bytes:
         """``raw`` if the statement may go, else its substitute."""
@@ -193,38 +199,39 @@ class RelayCore:
             return raw
         return ErrorResponse(error_fields("ERROR", refusal.sqlstate, refusal.text())).encode()
 
-    def from_server(self, data: bytes) -> list[bytes]:
+    def from_server(self, data: bytes) -> bytes:
         """Server bytes → bytes for the client."""
-        scanner = self._server
-        aligned = scanner.idle()
-        pieces = scanner.feed(data)
-        if len(pieces) == 1 and type(pieces[0]) is bytes:
-            return pieces  # type: ignore[return-value]
-        out: list[bytes] = []
-        changed = False
-        for piece in pieces:
-            if type(piece) is bytes:
-                out.append(piece)
-                continue
-            t, raw = cast(Frame, piece)
+        buf, hits, cut = self._server.scan(data)
+        if hits:
+            return self._server_messages(buf, hits, cut)
+        return buf if cut == len(buf) else buf[:cut]
+
+    def _server_messages(self, buf: bytes, hits: list[int], cut: int) -> bytes:
+        out: list[bytes] | None = None
+        prev = 0
+        for pos in hits:
+            t = buf[pos]
             if t == _Z:
-                self.status = raw[5:6]
+                self.status = buf[pos + 5 : pos + 6]
                 if self.pending:
                     self.pending -= 1
                 if self._refusals and self.pending == 0:
                     self._refusals.clear()  # refused requests skipped after an earlier error
-                out.append(raw)
                 if self.ending is not None and self._can_end():
-                    out.append(self.ending.encode())
                     self.closing = True
-                    return out
-            elif t == _E:
+                    head = buf[prev : pos + 6]
+                    return b"".join((*(out or ()), head, self.ending.encode()))
+            elif t == _E and self._refusals:
+                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+                raw = buf[pos:end]
                 rewritten = self._rewrite_error(raw)
                 if rewritten is not raw:
-                    changed = True
-                out.append(rewritten)
-            else:
-                out.append(raw)
-        if not changed and aligned and scanner.idle():
-            return [data]
-        return out
+                    if out is None:
+                        out = []
+                    out.append(buf[prev:pos])
+                    out.append(rewritten)
+                    prev = end
+        if out is None:
+            return buf if cut == len(buf) else buf[:cut]
+        out.append(buf[prev:cut])
+        return b"".join(out)

@@ -317,6 +317,12 @@ class Session:
         if self.gateway.draining:
             raise SessionEnded(SHUTTING_DOWN)
 
+        if startup.protocol != m.PROTOCOL_V3 or any(
+            k.startswith("_pq_.") for k, _ in startup.params
+        ):
+            # A newer minor version or protocol options: say what we speak (3.0, no options).
+            unsupported = tuple(k for k, _ in startup.params if k.startswith("_pq_."))
+            self.client.write(m.NegotiateProtocolVersion(0, unsupported).encode())
         self.client.write(m.Authentication(m.Authentication.CLEARTEXT).encode())
         limit = self.settings.identity.max_token_bytes + 64
         reader = MessageReader(limit)
@@ -565,15 +571,13 @@ class Session:
             if track_idle:
                 self.last_active = monotonic()
             try:
-                to_server, _ = core.from_client(data)
+                to_server = core.from_client(data)
             except m.ProtocolError as exc:
                 client_transport.write(fatal_bytes(exc.sqlstate, f"pgguard: {exc}"))
                 self.finish()
                 return
-            if len(to_server) == 1:
-                upstream_transport.write(to_server[0])  # type: ignore[arg-type]
-            elif to_server:
-                upstream_transport.write(b"".join(to_server))  # type: ignore[arg-type]
+            if to_server:
+                upstream_transport.write(to_server)
             if core.closing:
                 self.finish()
 
@@ -585,10 +589,8 @@ class Session:
                 client_transport.write(fatal_bytes("08P01", "pgguard: upstream protocol error"))
                 self.finish()
                 return
-            if len(to_client) == 1:
-                client_transport.write(to_client[0])  # type: ignore[arg-type]
-            elif to_client:
-                client_transport.write(b"".join(to_client))  # type: ignore[arg-type]
+            if to_client:
+                client_transport.write(to_client)
             if core.closing:
                 self.finish()
 
