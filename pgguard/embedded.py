@@ -37,8 +37,10 @@ def _has_server(bindir: Path) -> bool:
 def find_bindir() -> Path:
     """The directory holding initdb, pg_ctl and postgres."""
     found = shutil.which("initdb")
-    if found and _has_server(Path(found).parent):
-        return Path(found).parent
+    if found:
+        real = Path(found).resolve().parent  # /usr/local/bin/initdb may be a symlink
+        if _has_server(real):
+            return real
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
@@ -74,6 +76,24 @@ def find_bindir() -> Path:
     )
 
 
+def _traversable_by(user: str, path: Path) -> bool:
+    """Whether ``user`` can reach ``path`` (every existing ancestor searchable for them)."""
+    info = pwd.getpwnam(user)
+    for directory in [path, *path.parents]:
+        if not directory.exists():
+            continue
+        st = directory.stat()
+        if st.st_uid == info.pw_uid:
+            mode_ok = st.st_mode & 0o100
+        elif st.st_gid == info.pw_gid:
+            mode_ok = st.st_mode & 0o010
+        else:
+            mode_ok = st.st_mode & 0o001
+        if not mode_ok:
+            return False
+    return True
+
+
 def _run_as() -> str | None:
     """The user to run the server as: None if we are not root."""
     if os.geteuid() != 0:
@@ -102,12 +122,20 @@ class EmbeddedPostgres:
 
     def __post_init__(self) -> None:
         self.bindir = find_bindir()
+        self.user = _run_as()
         self._own_dir = self.base_dir is None
-        self.base_dir = Path(self.base_dir or tempfile.mkdtemp(prefix="pgguard-pg-"))
+        if self.base_dir is not None and self.user is not None:
+            if not _traversable_by(self.user, Path(self.base_dir)):
+                # e.g. pytest's 0700 tmp dirs: the server user could not reach its files.
+                self.base_dir = None
+                self._own_dir = True
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="pgguard-pg-"))
+            self.base_dir.chmod(0o755)
+        self.base_dir = Path(self.base_dir)
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "sock"
         self.log_file = self.base_dir / "postgres.log"
-        self.user = _run_as()
         self.started = False
 
     def _cmd(self, *args: str) -> list[str]:
