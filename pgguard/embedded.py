@@ -124,11 +124,11 @@ class EmbeddedPostgres:
         self.bindir = find_bindir()
         self.user = _run_as()
         self._own_dir = self.base_dir is None
-        if self.base_dir is not None and self.user is not None:
-            if not _traversable_by(self.user, Path(self.base_dir)):
-                # e.g. pytest's 0700 tmp dirs: the server user could not reach its files.
-                self.base_dir = None
-                self._own_dir = True
+        reachable = self.user is None or _traversable_by(self.user, Path(self.base_dir or "/"))
+        if self.base_dir is not None and not reachable:
+            # e.g. pytest's 0700 tmp dirs: the server user could not reach its files.
+            self.base_dir = None
+            self._own_dir = True
         if self.base_dir is None:
             self.base_dir = Path(tempfile.mkdtemp(prefix="pgguard-pg-"))
             self.base_dir.chmod(0o755)
