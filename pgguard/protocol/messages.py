@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Self
 
 PROTOCOL_V3 = 196608  # 3.0
 SSL_REQUEST_CODE = 80877103
@@ -789,7 +789,7 @@ class _CopyResponse(Message):
         )
 
     @classmethod
-    def decode_body(cls, body: bytes) -> _CopyResponse:
+    def decode_body(cls, body: bytes) -> Self:
         r = BodyReader(body, cls.__name__)
         fmt = r.byte()[0]
         cols = tuple(r.int16() for _ in range(r.count()))
@@ -829,7 +829,7 @@ class _Notice(Message):
         return b"".join(out)
 
     @classmethod
-    def decode_body(cls, body: bytes) -> _Notice:
+    def decode_body(cls, body: bytes) -> Self:
         r = BodyReader(body, cls.__name__)
         fields = []
         while True:

@@ -392,169 +392,24 @@ class Session:
 
     # ------------------------------------------------------------------ upstream
     async def _connect_upstream(self, startup: m.StartupMessage) -> None:
-        up = self.settings.upstream
-        loop = asyncio.get_running_loop()
-        side = Side("upstream")
+        extra = {"session_id": self.info.session_id}
         try:
-            async with asyncio.timeout(up.connect_timeout or None):
-                transport, _ = await loop.create_connection(lambda: side, up.host, up.port)
-        except (OSError, TimeoutError) as exc:
-            self.gateway.upstream_error()
-            log.error(
-                "upstream connect failed: %s", exc, extra={"session_id": self.info.session_id}
-            )
-            raise SessionEnded(
-                Fatal("08001", "pgguard: could not connect to the upstream server")
-            ) from None
-        self.upstream = side
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if up.sslmode != "disable":
-            await self._upstream_tls(side)
-        side.write(startup.encode())
-        await self._upstream_login(side)
-
-    async def _upstream_tls(self, side: Side) -> None:
+            conn = await connect_upstream(self.gateway, startup, extra)
+        except UpstreamRefused as exc:
+            # Relay the server's own startup error (bad database, too many clients, …).
+            self.client.write(exc.raw)
+            raise SessionEnded() from None
+        self.upstream = conn.side
         up = self.settings.upstream
-        side.write(m.SSLRequest().encode())
-        answer = await side.recv()
-        if not answer:
-            raise SessionEnded(Fatal("08006", "pgguard: upstream closed during TLS negotiation"))
-        if answer[:1] == b"N":
-            if up.sslmode in ("require", "verify-full"):
-                raise SessionEnded(
-                    Fatal("08001", "pgguard: the upstream server does not support TLS")
-                )
-            side.unread(answer[1:])
-            return
-        if answer[:1] != b"S" or len(answer) > 1:
-            raise SessionEnded(Fatal("08006", "pgguard: bad upstream reply to SSLRequest"))
-        ctx = self.gateway.upstream_ssl
-        assert side.transport is not None
-        try:
-            new_transport = await asyncio.get_running_loop().start_tls(
-                side.transport,
-                side,
-                ctx,
-                server_hostname=up.host if up.sslmode == "verify-full" else None,
-            )
-        except (ssl.SSLError, OSError) as exc:
-            self.gateway.upstream_error()
-            log.error("upstream TLS failed: %s", exc, extra={"session_id": self.info.session_id})
-            raise SessionEnded(
-                Fatal("08001", "pgguard: TLS negotiation with the upstream server failed")
-            ) from None
-        side.transport = new_transport
-
-    async def _upstream_login(self, side: Side) -> None:
-        up = self.settings.upstream
-        reader = MessageReader(self.settings.limits.max_message_bytes)
-        scram: ScramClient | None = None
-        password = up.password()
-        client_out: list[bytes] = []
-        while True:
-            try:
-                type_code, body = await read_message(side, reader)
-            except SessionEnded:
-                self.gateway.upstream_error()
-                raise SessionEnded(
-                    Fatal("08006", "pgguard: the upstream server closed the connection")
-                ) from None
-            if type_code == b"R":
-                auth = m.Authentication.decode_body(body)
-                try:
-                    scram = self._answer_auth(side, auth, password, scram)
-                except AuthFailed as exc:
-                    self.gateway.upstream_error()
-                    log.error(
-                        "upstream authentication failed: %s",
-                        exc,
-                        extra={"session_id": self.info.session_id},
-                    )
-                    raise SessionEnded(
-                        Fatal("08001", "pgguard: upstream authentication failed")
-                    ) from None
-            elif type_code == b"K":
-                key = m.BackendKeyData.decode_body(body)
-                self._register_cancel_key(key)
-            elif type_code == b"E":
-                # Relay the server's own startup error (bad database, too many clients, …).
-                err = m.ErrorResponse.decode_body(body)
-                log.warning(
-                    "upstream refused the session: %s %s",
-                    err.sqlstate,
-                    err.message,
-                    extra={"session_id": self.info.session_id},
-                )
-                if err.sqlstate.startswith("28"):
-                    self.gateway.upstream_error()
-                    raise SessionEnded(Fatal("08001", "pgguard: upstream authentication failed"))
-                self.client.write(b"".join(client_out) + m.frame(b"E", body))
-                raise SessionEnded()
-            elif type_code == b"Z":
-                if self.key is None:
-                    raise SessionEnded(Fatal("08P01", "pgguard: upstream sent no BackendKeyData"))
-                client_out.append(m.frame(b"Z", body))
-                self.client.write(
-                    m.Authentication(m.Authentication.OK).encode()
-                    + b"".join(client_out[:-1])
-                    + m.BackendKeyData(*self.key).encode()
-                    + client_out[-1]
-                )
-                self.core.status = body[:1]
-                # Anything the server sent after ReadyForQuery belongs to the relay.
-                leftover = reader.take_buffer() + side.take_buffered()
-                if leftover:
-                    side.unread(leftover)
-                return
-            elif type_code in (b"S", b"N", b"v"):
-                client_out.append(m.frame(type_code, body))
-            else:
-                raise SessionEnded(
-                    Fatal("08P01", f"pgguard: unexpected upstream message {type_code!r}")
-                )
-
-    def _answer_auth(
-        self,
-        side: Side,
-        auth: m.Authentication,
-        password: str | None,
-        scram: ScramClient | None,
-    ) -> ScramClient | None:
-        code = auth.code
-        if code == m.Authentication.OK:
-            return scram
-        if code == m.Authentication.SASL_FINAL:
-            if scram is None:
-                raise AuthFailed("SASL final without a SASL exchange")
-            scram.verify_server_final(auth.data)
-            return scram
-        if password is None:
-            raise AuthFailed(f"the server asks for a password (auth code {code}) but none is set")
-        user = self.settings.upstream.user
-        if code == m.Authentication.CLEARTEXT:
-            side.write(m.PasswordMessage(password.encode()).encode())
-        elif code == m.Authentication.MD5:
-            side.write(m.PasswordMessage(md5_password(user, password, auth.data)).encode())
-        elif code == m.Authentication.SASL:
-            if ScramClient.MECHANISM not in auth.mechanisms():
-                raise AuthFailed(f"no supported SASL mechanism in {auth.mechanisms()}")
-            scram = ScramClient(password)
-            side.write(m.SASLInitialResponse(ScramClient.MECHANISM, scram.client_first()).encode())
-        elif code == m.Authentication.SASL_CONTINUE:
-            if scram is None:
-                raise AuthFailed("SASL continue without a SASL exchange")
-            side.write(m.SASLResponse(scram.client_final(auth.data)).encode())
-        else:
-            raise AuthFailed(f"unsupported authentication method {code}")
-        return scram
-
-    def _register_cancel_key(self, upstream_key: m.BackendKeyData) -> None:
-        up = self.settings.upstream
-        target = CancelTarget(up.host, up.port, upstream_key.process_id, upstream_key.secret_key)
+        target = CancelTarget(up.host, up.port, conn.key.process_id, conn.key.secret_key)
         self.key = self.gateway.new_cancel_key(target)
+        self.client.write(
+            m.Authentication(m.Authentication.OK).encode()
+            + b"".join(conn.greeting)
+            + m.BackendKeyData(*self.key).encode()
+            + m.ReadyForQuery(conn.status).encode()
+        )
+        self.core.status = conn.status
 
     # ------------------------------------------------------------------ relay
     def _start_relay(self) -> None:
@@ -866,6 +721,205 @@ class Gateway:
             if not self.sessions:
                 break
             await asyncio.sleep(0.05)
+
+
+class UpstreamRefused(Exception):
+    """The upstream server refused the session with an ErrorResponse (raw message kept)."""
+
+    def __init__(self, raw: bytes, error: m.ErrorResponse) -> None:
+        super().__init__(f"{error.sqlstate} {error.message}")
+        self.raw = raw
+        self.error = error
+
+
+@dataclass
+class UpstreamConnection:
+    """A logged-in upstream connection, ready for queries."""
+
+    side: Side
+    key: m.BackendKeyData
+    greeting: list[bytes]  # ParameterStatus / NoticeResponse messages, raw, for the client
+    status: bytes  # transaction status of the first ReadyForQuery
+
+
+async def connect_upstream(
+    gateway: Gateway, startup: m.StartupMessage, log_extra: dict[str, Any]
+) -> UpstreamConnection:
+    """Connect, negotiate TLS per ``upstream.sslmode``, log in. Raises SessionEnded(Fatal)."""
+    up = gateway.settings.upstream
+    loop = asyncio.get_running_loop()
+    side = Side("upstream")
+    try:
+        async with asyncio.timeout(up.connect_timeout or None):
+            transport, _ = await loop.create_connection(lambda: side, up.host, up.port)
+    except (OSError, TimeoutError) as exc:
+        gateway.upstream_error()
+        log.error("upstream connect failed: %s", exc, extra=log_extra)
+        raise SessionEnded(
+            Fatal("08001", "pgguard: could not connect to the upstream server")
+        ) from None
+    try:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if up.sslmode != "disable":
+            await _upstream_tls(gateway, side, log_extra)
+        side.write(startup.encode())
+        return await _upstream_login(gateway, side, log_extra)
+    except BaseException:
+        side.close()
+        raise
+
+
+async def _upstream_tls(gateway: Gateway, side: Side, log_extra: dict[str, Any]) -> None:
+    up = gateway.settings.upstream
+    side.write(m.SSLRequest().encode())
+    answer = await side.recv()
+    if not answer:
+        raise SessionEnded(Fatal("08006", "pgguard: upstream closed during TLS negotiation"))
+    if answer[:1] == b"N":
+        if up.sslmode in ("require", "verify-full"):
+            raise SessionEnded(Fatal("08001", "pgguard: the upstream server does not support TLS"))
+        side.unread(answer[1:])
+        return
+    if answer[:1] != b"S" or len(answer) > 1:
+        raise SessionEnded(Fatal("08006", "pgguard: bad upstream reply to SSLRequest"))
+    assert side.transport is not None
+    try:
+        new_transport = await asyncio.get_running_loop().start_tls(
+            side.transport,
+            side,
+            gateway.upstream_ssl,
+            server_hostname=up.host if up.sslmode == "verify-full" else None,
+        )
+    except (ssl.SSLError, OSError) as exc:
+        gateway.upstream_error()
+        log.error("upstream TLS failed: %s", exc, extra=log_extra)
+        raise SessionEnded(
+            Fatal("08001", "pgguard: TLS negotiation with the upstream server failed")
+        ) from None
+    side.transport = new_transport
+
+
+async def _upstream_login(
+    gateway: Gateway, side: Side, log_extra: dict[str, Any]
+) -> UpstreamConnection:
+    up = gateway.settings.upstream
+    reader = MessageReader(gateway.settings.limits.max_message_bytes)
+    scram: ScramClient | None = None
+    password = up.password()
+    greeting: list[bytes] = []
+    key: m.BackendKeyData | None = None
+    while True:
+        try:
+            type_code, body = await read_message(side, reader)
+        except SessionEnded:
+            gateway.upstream_error()
+            raise SessionEnded(
+                Fatal("08006", "pgguard: the upstream server closed the connection")
+            ) from None
+        if type_code == b"R":
+            auth = m.Authentication.decode_body(body)
+            try:
+                scram = _answer_auth(up.user, side, auth, password, scram)
+            except AuthFailed as exc:
+                gateway.upstream_error()
+                log.error("upstream authentication failed: %s", exc, extra=log_extra)
+                raise SessionEnded(
+                    Fatal("08001", "pgguard: upstream authentication failed")
+                ) from None
+        elif type_code == b"K":
+            key = m.BackendKeyData.decode_body(body)
+        elif type_code == b"E":
+            err = m.ErrorResponse.decode_body(body)
+            log.warning(
+                "upstream refused the session: %s %s", err.sqlstate, err.message, extra=log_extra
+            )
+            if err.sqlstate.startswith("28"):
+                gateway.upstream_error()
+                raise SessionEnded(Fatal("08001", "pgguard: upstream authentication failed"))
+            raise UpstreamRefused(b"".join(greeting) + m.frame(b"E", body), err)
+        elif type_code == b"Z":
+            if key is None:
+                raise SessionEnded(Fatal("08P01", "pgguard: upstream sent no BackendKeyData"))
+            # Anything the server sent after ReadyForQuery belongs to whoever reads next.
+            leftover = reader.take_buffer() + side.take_buffered()
+            if leftover:
+                side.unread(leftover)
+            return UpstreamConnection(side, key, greeting, m.ReadyForQuery.decode_body(body).status)
+        elif type_code in (b"S", b"N", b"v"):
+            greeting.append(m.frame(type_code, body))
+        else:
+            raise SessionEnded(
+                Fatal("08P01", f"pgguard: unexpected upstream message {type_code!r}")
+            )
+
+
+def _answer_auth(
+    user: str,
+    side: Side,
+    auth: m.Authentication,
+    password: str | None,
+    scram: ScramClient | None,
+) -> ScramClient | None:
+    code = auth.code
+    if code == m.Authentication.OK:
+        return scram
+    if code == m.Authentication.SASL_FINAL:
+        if scram is None:
+            raise AuthFailed("SASL final without a SASL exchange")
+        scram.verify_server_final(auth.data)
+        return scram
+    if password is None:
+        raise AuthFailed(f"the server asks for a password (auth code {code}) but none is set")
+    if code == m.Authentication.CLEARTEXT:
+        side.write(m.PasswordMessage(password.encode()).encode())
+    elif code == m.Authentication.MD5:
+        side.write(m.PasswordMessage(md5_password(user, password, auth.data)).encode())
+    elif code == m.Authentication.SASL:
+        if ScramClient.MECHANISM not in auth.mechanisms():
+            raise AuthFailed(f"no supported SASL mechanism in {auth.mechanisms()}")
+        scram = ScramClient(password)
+        side.write(m.SASLInitialResponse(ScramClient.MECHANISM, scram.client_first()).encode())
+    elif code == m.Authentication.SASL_CONTINUE:
+        if scram is None:
+            raise AuthFailed("SASL continue without a SASL exchange")
+        side.write(m.SASLResponse(scram.client_final(auth.data)).encode())
+    else:
+        raise AuthFailed(f"unsupported authentication method {code}")
+    return scram
+
+
+class QueryFailed(Exception):
+    def __init__(self, error: m.ErrorResponse) -> None:
+        super().__init__(f"{error.sqlstate}: {error.message}")
+        self.error = error
+
+
+async def simple_query(side: Side, sql: str, limit: int) -> list[tuple[str | None, ...]]:
+    """Run ``sql`` (simple protocol) on an idle upstream connection; text rows of the last
+    result. Used for pgguard's own queries (catalog, session settings), never client traffic."""
+    side.write(m.Query(sql).encode())
+    reader = MessageReader(limit)
+    rows: list[tuple[str | None, ...]] = []
+    error: m.ErrorResponse | None = None
+    while True:
+        type_code, body = await read_message(side, reader)
+        if type_code == b"T":
+            rows = []
+        elif type_code == b"D":
+            values = m.DataRow.decode_body(body).values
+            rows.append(tuple(None if v is None else v.decode("utf-8", "replace") for v in values))
+        elif type_code == b"E":
+            error = m.ErrorResponse.decode_body(body)
+        elif type_code == b"Z":
+            leftover = reader.take_buffer()
+            if leftover:
+                side.unread(leftover)
+            if error is not None:
+                raise QueryFailed(error)
+            return rows
 
 
 def run_coroutine(coro_factory: Callable[[], Any]) -> Any:
