@@ -18,7 +18,14 @@ from typing import cast
 
 from pgguard.policy.identity_guard import Refusal
 from pgguard.protocol.framing import Scanner
-from pgguard.protocol.messages import ErrorResponse, Parse, ProtocolError, Query, error_fields
+from pgguard.protocol.messages import (
+    DataRow,
+    ErrorResponse,
+    Parse,
+    ProtocolError,
+    Query,
+    error_fields,
+)
 
 # Type bytes as ints, for the hot path.
 _Q, _P, _S, _F, _X, _H = 81, 80, 83, 70, 88, 72
@@ -32,6 +39,13 @@ _E = 69
 
 # A statement hook sees the SQL of every Query and Parse and may refuse it.
 StatementHook = Callable[[str], Refusal | None]
+
+_T, _D = 84, 68
+_ASYNC = frozenset(b"ANS")  # NotificationResponse, NoticeResponse, ParameterStatus
+_ALL_TYPES = bytes(range(256))
+
+# Called with the text rows of pgguard's own query, or its error message.
+InternalCallback = Callable[[list[tuple[str | None, ...]], str | None], None]
 
 _LEN = struct.Struct("!I")
 _UNSEEN = object()
@@ -59,6 +73,10 @@ class RelayCore:
 
     __slots__ = (
         "_client",
+        "_internal_active",
+        "_internal_error",
+        "_internal_queue",
+        "_internal_rows",
         "_marker",
         "_refusals",
         "_seq",
@@ -68,6 +86,7 @@ class RelayCore:
         "ending",
         "hook",
         "pending",
+        "server_out",
         "status",
         "terminated",
     )
@@ -88,10 +107,21 @@ class RelayCore:
         self.terminated = False  # client sent Terminate
         self.ending: Fatal | None = None  # end the session at the next idle point
         self.closing = False  # close both sides once the output is written
+        # pgguard's own queries on the session (e.g. to learn the search_path after a SET).
+        self._internal_queue: list[tuple[str, InternalCallback]] = []
+        self._internal_active: InternalCallback | None = None
+        self._internal_rows: list[tuple[str | None, ...]] = []
+        self._internal_error: str | None = None
+        self.server_out: list[bytes] = []  # bytes for the server produced by server input
 
     def idle(self) -> bool:
         """No request outstanding and nothing half-received in either direction."""
-        return self.pending == 0 and self._client.idle() and self._server.idle()
+        return (
+            self.pending == 0
+            and self._internal_active is None
+            and self._client.idle()
+            and self._server.idle()
+        )
 
     def _can_end(self) -> bool:
         # A shutdown lets an open transaction block finish; other endings only wait for idle.
@@ -211,12 +241,27 @@ class RelayCore:
         prev = 0
         for pos in hits:
             t = buf[pos]
+            if self._internal_active:
+                # A reply to pgguard's own query: read it, keep it from the client, except
+                # the asynchronous messages (notifications, notices, parameter changes).
+                if t in _ASYNC:
+                    continue
+                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+                self._internal_message(t, buf[pos + 5 : end])
+                if out is None:
+                    out = []
+                out.append(buf[prev:pos])
+                prev = end
+                continue
             if t == _Z:
                 self.status = buf[pos + 5 : pos + 6]
                 if self.pending:
                     self.pending -= 1
-                if self._refusals and self.pending == 0:
-                    self._refusals.clear()  # refused requests skipped after an earlier error
+                if self.pending == 0:
+                    if self._refusals:
+                        self._refusals.clear()  # refused requests skipped after an error
+                    if self._internal_queue and self.status != b"E":
+                        self._start_internal()
                 if self.ending is not None and self._can_end():
                     self.closing = True
                     head = buf[prev : pos + 6]
@@ -235,3 +280,40 @@ class RelayCore:
             return buf if cut == len(buf) else buf[:cut]
         out.append(buf[prev:cut])
         return b"".join(out)
+
+    # ------------------------------------------------------------------ pgguard's own queries
+    def internal_query(self, sql: str, on_result: InternalCallback) -> None:
+        """Run ``sql`` on the upstream session at its next idle point, unseen by the client.
+
+        ``on_result(rows, error)`` gets the text rows of the last result, or the error message.
+        It is sent when no client request is outstanding (and not in a failed transaction),
+        so its reply comes back whole before any later client request's reply.
+        """
+        self._internal_queue.append((sql, on_result))
+
+    def _start_internal(self) -> None:
+        sql, callback = self._internal_queue.pop(0)
+        self._internal_active = callback
+        self._internal_rows = []
+        self._internal_error = None
+        self.server_out.append(Query(sql).encode())
+        self._server.set_intercept(_ALL_TYPES)
+
+    def _internal_message(self, t: int, body: bytes) -> None:
+        if t == _T:
+            self._internal_rows = []
+        elif t == _D:
+            values = DataRow.decode_body(body).values
+            self._internal_rows.append(
+                tuple(None if v is None else v.decode("utf-8", "replace") for v in values)
+            )
+        elif t == _E:
+            self._internal_error = ErrorResponse.decode_body(body).message
+        elif t == _Z:
+            callback = self._internal_active
+            self._internal_active = None
+            self._server.set_intercept(SERVER_INTERCEPT)
+            assert callback is not None
+            callback(self._internal_rows, self._internal_error)
+            if self._internal_queue and self.pending == 0:
+                self._start_internal()

@@ -446,6 +446,9 @@ class Session:
                 return
             if to_client:
                 client_transport.write(to_client)
+            if core.server_out:
+                upstream_transport.write(b"".join(core.server_out))
+                core.server_out.clear()
             if core.closing:
                 self.finish()
 

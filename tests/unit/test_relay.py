@@ -116,3 +116,52 @@ def test_large_datarow_streams_without_buffering() -> None:
     out = core.from_server(row[:1000])
     assert joined(out) == row[:1000]  # forwarded before the row is complete
     assert joined(core.from_server(row[1000:])) == row[1000:]
+
+
+def test_internal_query_runs_at_idle_and_is_hidden_from_the_client() -> None:
+    core = RelayCore(LIMIT)
+    results: list[object] = []
+    core.from_client(EXTENDED)
+    core.internal_query("show search_path", lambda rows, err: results.append((rows, err)))
+    assert core.server_out == []  # a client request is outstanding: not yet
+    out = core.from_server(REPLY)
+    assert out == REPLY
+    assert core.server_out == [m.Query("show search_path").encode()]
+    core.server_out.clear()
+    assert not core.idle()
+    # The client sends its next request meanwhile; its reply comes after ours.
+    core.from_client(m.Query("select 1").encode())
+    ours = (
+        m.RowDescription((m.FieldDescription("search_path"),)).encode()
+        + m.DataRow((b'"$user", public',)).encode()
+        + m.NotificationResponse(7, "chan", "hello").encode()
+        + m.CommandComplete("SHOW").encode()
+        + m.ReadyForQuery(b"I").encode()
+    )
+    theirs = (
+        m.RowDescription((m.FieldDescription("x"),)).encode()
+        + m.DataRow((b"1",)).encode()
+        + m.CommandComplete("SELECT 1").encode()
+        + m.ReadyForQuery(b"I").encode()
+    )
+    stream = ours + theirs
+    got = b""
+    for i in range(0, len(stream), 7):  # in awkward chunks
+        got += core.from_server(stream[i : i + 7])
+    assert got == m.NotificationResponse(7, "chan", "hello").encode() + theirs
+    assert results == [([('"$user", public',)], None)]
+    assert core.idle()
+
+
+def test_internal_query_waits_out_a_failed_transaction() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(m.Query("select 1/0").encode())
+    core.internal_query("show search_path", lambda rows, err: None)
+    core.from_server(
+        m.ErrorResponse(m.error_fields("ERROR", "22012", "division by zero")).encode()
+        + m.ReadyForQuery(b"E").encode()
+    )
+    assert core.server_out == []
+    core.from_client(m.Query("rollback").encode())
+    core.from_server(m.CommandComplete("ROLLBACK").encode() + m.ReadyForQuery(b"I").encode())
+    assert core.server_out == [m.Query("show search_path").encode()]
