@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import signal
@@ -27,6 +28,10 @@ async def serve_async(
     on_ready: Callable[[Gateway], None] | None = None,
 ) -> None:
     gateway = Gateway(settings)
+    # The relay allocates a few short-lived containers per message; keep the cyclic collector
+    # from walking the long-lived startup objects over and over.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     gateway.worker_id = worker_id
     gateway.worker_group = worker_group
     await gateway.start()

@@ -16,11 +16,14 @@ from typing import Any
 from pglast import parser
 
 RULE = "identity-guard"
+LIMITS_RULE = "limits"
 PROMPT_ID = "pgguard.prompt_id"
 _PROTECTED = frozenset({"role", "session_authorization", "is_superuser"})
 # Cheap pre-filter: a statement containing none of these cannot touch identity settings.
 # ``u&`` catches Unicode-escaped identifiers such as U&"\0072ole".
 _TRIGGERS = ("role", "session", "authoriz", "pgguard", "set_config", "discard", "u&")
+# Extra triggers when limits pin settings: the names themselves and READ WRITE.
+_LIMIT_TRIGGERS = ("timeout", "read", "set", "begin", "start")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +76,32 @@ def _const_string(node: dict[str, Any]) -> str | None:
     return None
 
 
-def check_identity(sql: str, role_mapped: bool) -> Refusal | None:
-    """A Refusal if ``sql`` would change the session's identity, else None."""
+def _read_write(options: list[Any]) -> bool:
+    """Whether transaction options ask for READ WRITE."""
+    for option in options or ():
+        elem = option.get("DefElem", {}) if isinstance(option, dict) else {}
+        if elem.get("defname") == "transaction_read_only":
+            const = elem.get("arg", {}).get("A_Const", {})
+            if not const.get("ival", {}).get("ival", 0):
+                return True
+    return False
+
+
+def check_identity(
+    sql: str,
+    role_mapped: bool,
+    pinned: frozenset[str] = frozenset(),
+    read_only: bool = False,
+) -> Refusal | None:
+    """A Refusal if ``sql`` would change the session's identity, else None.
+
+    ``pinned`` names settings the identity's limits fix (statement_timeout, …): they may be
+    reset to pgguard's value but not set. ``read_only`` also refuses READ WRITE transactions.
+    """
     lowered = sql.lower()
-    if not any(t in lowered for t in _TRIGGERS):
+    if not any(t in lowered for t in _TRIGGERS) and not (
+        (pinned or read_only) and any(t in lowered for t in _LIMIT_TRIGGERS)
+    ):
         return None
     try:
         tree = json.loads(parser.parse_sql_json(sql))
@@ -87,6 +112,13 @@ def check_identity(sql: str, role_mapped: bool) -> Refusal | None:
             name = str(node.get("name", ""))
             if name and protected_setting(name):
                 return Refusal(RULE, f'changing "{name}" is not allowed through pgguard')
+            if name.lower() in pinned and node.get("kind") == "VAR_SET_VALUE":
+                return Refusal(LIMITS_RULE, f'"{name}" is fixed for your identity')
+            if read_only and _read_write(node.get("args") or []):
+                return Refusal(LIMITS_RULE, "your identity is limited to read-only transactions")
+        elif kind == "TransactionStmt":
+            if read_only and _read_write(node.get("options") or []):
+                return Refusal(LIMITS_RULE, "your identity is limited to read-only transactions")
         elif kind == "DiscardStmt":
             if role_mapped and node.get("target") == "DISCARD_ALL":
                 return Refusal(
@@ -101,4 +133,6 @@ def check_identity(sql: str, role_mapped: bool) -> Refusal | None:
                     return Refusal(RULE, "set_config() with a non-constant name is not allowed")
                 if protected_setting(setting):
                     return Refusal(RULE, f'changing "{setting}" is not allowed through pgguard')
+                if setting.lower() in pinned:
+                    return Refusal(LIMITS_RULE, f'"{setting}" is fixed for your identity')
     return None
