@@ -32,7 +32,7 @@ lint: venv
 	$(BIN)/mypy
 
 bench: venv
-	$(BIN)/python scripts/bench.py --output docs/benchmarks.md
+	$(BIN)/python scripts/bench.py --output docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache

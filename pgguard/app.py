@@ -15,6 +15,7 @@ from collections.abc import Callable
 import anyio
 
 from pgguard.config import Settings
+from pgguard.identity import IdentityConfigError, TokenValidator
 from pgguard.proxy.server import Gateway, run_coroutine
 
 log = logging.getLogger("pgguard")
@@ -62,6 +63,11 @@ async def serve_async(
 
 def serve(settings: Settings) -> int:
     """Run the gateway in this process, or fork ``settings.workers`` workers sharing the port."""
+    try:
+        TokenValidator(settings.identity)  # fail before forking if keys are unusable
+    except IdentityConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     if settings.workers <= 1:
         run_coroutine(lambda: serve_async(settings))
         return 0

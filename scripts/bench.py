@@ -14,9 +14,14 @@ transaction, and their memory with 1,000 idle authenticated connections.
 
 Usage::
 
-    .venv/bin/python scripts/bench.py --output docs/benchmarks.md     # what `make bench` runs
-    .venv/bin/python scripts/bench.py --quick                           # smoke run (3 s, 1 round)
-    .venv/bin/python scripts/bench.py --workers 2 --duration 20 --rounds 3
+    make bench                                # = scripts/bench.py --output docs/benchmarks.md
+    make bench BENCH_ARGS="--workers 2"       # extra flags pass through
+    .venv/bin/python scripts/bench.py --quick # smoke run (3 s, 1 round), report on stdout only
+    .venv/bin/python scripts/bench.py --duration 20 --rounds 3 --clients 1,8,32 --modes prepared
+
+Flags: --duration S (10), --rounds N (2), --workers N (1), --output FILE, --clients "1,8",
+--modes "simple,extended,prepared", --skip-pgbouncer, --skip-pgguard, --idle-connections N
+(1000; 0 skips the memory test), --quick.
 
 Everything started here is stopped on exit, error or Ctrl-C.
 """
@@ -405,7 +410,11 @@ ignore_startup_parameters = extra_float_digits
         (workdir / "userlist.txt").chmod(0o600)
     argv = [exe, str(workdir / "pgbouncer.ini")]
     if run_as is not None:
-        argv = ["runuser", "-u", run_as, "--", *argv]
+        # runuser's PAM session resets the open-files limit (often to 1024): raise it again,
+        # pgbouncer needs two descriptors per idle test connection in session pooling.
+        want = idle_connections * 2 + 500
+        raise_limit = f'ulimit -n {want} 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$@"'
+        argv = ["runuser", "-u", run_as, "--", "sh", "-c", raise_limit, "sh", *argv]
     log(f"starting {shlex.join(argv)}")
     log_file = workdir / "stdout.log"
     service = Service(
@@ -570,6 +579,7 @@ async def _hold_idle(target: Target, count: int, concurrency: int = 64) -> Memor
     pids = target.service.pids()
     rss_before, pss_before = rss_kib(pids), pss_kib(pids)
     connections: list[Any] = []
+    ready: list[Any] = []  # authenticated and ran select 1
     errors: list[BaseException] = []
     gate = asyncio.Semaphore(concurrency)
 
@@ -591,18 +601,22 @@ async def _hold_idle(target: Target, count: int, concurrency: int = 64) -> Memor
                 return
             connections.append(conn)
             try:
-                await conn.fetchval("select 1")
+                await conn.fetchval("select 1", timeout=30)
+                ready.append(conn)
             except Exception as exc:
                 errors.append(exc)
 
     try:
-        await asyncio.gather(*(one() for _ in range(count)))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 300)
+        except TimeoutError:
+            errors.append(TimeoutError("opening the connections took over 300 s"))
         await asyncio.sleep(2.0)  # let the proxy settle (buffers, GC)
         pids = target.service.pids()
         return Memory(
             target.name,
             len(pids),
-            len(connections) - len(errors),
+            len(ready),
             rss_before,
             rss_kib(pids),
             pss_before,
@@ -620,7 +634,7 @@ async def _hold_idle(target: Target, count: int, concurrency: int = 64) -> Memor
         await asyncio.gather(*(close(c) for c in connections))
 
 
-def measure_idle(target: Target, count: int, pg: EmbeddedPostgres) -> Memory:
+def measure_idle(target: Target, count: int) -> Memory:
     log(f"opening {count} idle connections through {target.name}")
     memory = asyncio.run(_hold_idle(target, count))
     log(
@@ -628,17 +642,21 @@ def measure_idle(target: Target, count: int, pg: EmbeddedPostgres) -> Memory:
         f"{memory.rss_after_kib / 1024:.1f} MiB, {memory.per_connection_kib:.1f} KiB/connection"
         + (f" ({memory.error})" if memory.error else "")
     )
-    # Wait for the upstream backends to go before the next proxy needs them.
-    deadline = time.monotonic() + 60
+    return memory
+
+
+def wait_backends_gone(pg: EmbeddedPostgres, below: int = 60, timeout: float = 60.0) -> None:
+    """Wait for a previous test's upstream backends to exit (max_connections is 1200)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = pg.psql(
             "select count(*) from pg_stat_activity where backend_type = 'client backend'",
             check=False,
         )
-        if out.strip().isdigit() and int(out.strip()) < 60:
-            break
+        if out.strip().isdigit() and int(out.strip()) < below:
+            return
         time.sleep(0.5)
-    return memory
+    log(f"warning: still {out.strip()} client backends after {timeout:.0f} s")
 
 
 # --------------------------------------------------------------------------- report
@@ -663,6 +681,13 @@ def _first_line(argv: list[str]) -> str:
         return "unknown"
     out = (proc.stdout or proc.stderr).strip().splitlines()
     return out[0] if out else "unknown"
+
+
+def loadavg() -> str:
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def machine_info(pg: EmbeddedPostgres, pgbouncer: str | None) -> dict[str, str]:
@@ -704,9 +729,10 @@ def fmt_us(value: float | None) -> str:
     return f"{value:.1f}" if value is not None else "n/a"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("| " + " | ".join("---" if i < 2 else "---:" for i in range(len(header))) + " |")
+def table(header: list[str], rows: list[list[str]], text_columns: int = 2) -> str:
+    """A Markdown table: the first ``text_columns`` left-aligned, the numbers right-aligned."""
+    rule = ["---" if i < text_columns else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -753,7 +779,8 @@ def section_how_to_read(ctx: Context) -> str:
             f"This runs on a shared {ctx.machine['CPUs (nproc)']}-core machine: pgbench, "
             "PostgreSQL and the proxy all compete for the same cores, so absolute TPS are "
             "low and noisy and a proxy's cost shows up partly as CPU taken from PostgreSQL "
-            "and pgbench. Quote the medians and the ratios, not single runs, and compare "
+            "and pgbench; other work on the machine (see the load averages above) adds noise. "
+            "Quote the medians and the ratios, not single runs, and compare "
             "runs made on the same machine only. `pgguard/direct` is the share of direct "
             "throughput left with pgguard in the path; `pgguard/pgbouncer` compares it with "
             "a mature C proxy doing the same session-per-client relaying. CPU µs/tx is the "
@@ -821,7 +848,7 @@ def section_passthrough(ctx: Context) -> str:
         "",
         "<details><summary>Every run (TPS, in run order)</summary>",
         "",
-        table(["mode", "clients", "target", "TPS per round"], raw_rows),
+        table(["mode", "clients", "target", "TPS per round"], raw_rows, text_columns=3),
         "",
         "</details>",
     ]
@@ -871,6 +898,7 @@ def section_memory(ctx: Context) -> str:
                 "PSS with connections (MiB)",
             ],
             rows,
+            text_columns=1,
         )
     )
     errors = [f"- {m.target}: {m.error}" for m in ctx.memory if m.error]
@@ -970,7 +998,9 @@ def signals_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a shell starts background jobs with it ignored, and `kill -INT` should work.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, interrupt) for s in handled}
     try:
         yield
     finally:
@@ -980,6 +1010,7 @@ def signals_as_interrupt() -> Iterator[None]:
 
 def run(args: argparse.Namespace, command: str) -> Context:
     started = dt.datetime.now(dt.UTC)
+    load_at_start = loadavg()
     notes: list[str] = []
     raise_fd_limit()
     with ExitStack() as stack:
@@ -1028,6 +1059,7 @@ def run(args: argparse.Namespace, command: str) -> Context:
             targets=[t.name for t in targets],
             notes=notes,
         )
+        ctx.machine["load average 1/5/15 min, at start"] = load_at_start
         log("warming up (direct, 3 s)")
         run_pgbench(pgbench, direct, "simple", max(args.clients), 3)
         ctx.cells = run_matrix(
@@ -1036,7 +1068,9 @@ def run(args: argparse.Namespace, command: str) -> Context:
         if args.idle_connections:
             for target in targets:
                 if target.service is not None:
-                    ctx.memory.append(measure_idle(target, args.idle_connections, pg))
+                    wait_backends_gone(pg)
+                    ctx.memory.append(measure_idle(target, args.idle_connections))
+        ctx.machine["load average 1/5/15 min, at end"] = loadavg()
         return ctx
 
 

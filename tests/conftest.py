@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.gateway import Gateway
+from tests.support.gateway import Gateway, MakeGateway
 from tests.support.pgcluster import (
     PgServer,
     external_server,
@@ -52,9 +52,6 @@ def gateway(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield gw
     finally:
         gw.stop()
-
-
-MakeGateway = Callable[..., Gateway]
 
 
 @pytest.fixture

@@ -575,11 +575,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ cancel
     def new_cancel_key(self, target: CancelTarget) -> tuple[int, int]:
+        """The key a client gets: the server's real pid (clients compare it with
+        pg_backend_pid() and with NOTIFY senders) and a secret of pgguard's own."""
         while True:
-            # The worker id sits in the top bits of the pid so any worker can route a cancel.
-            pid = (self.worker_id << 24) | secrets.randbits(24)
-            key = (pid, secrets.randbits(32) - (1 << 31))
-            if pid and key not in self.cancel_map:
+            key = (target.process_id, secrets.randbits(32) - (1 << 31))
+            if key not in self.cancel_map:
                 self.cancel_map[key] = target
                 return key
 
@@ -599,14 +599,20 @@ class Gateway:
             finally:
                 writer.close()
 
-        self._cancel_server = await asyncio.start_unix_server(
-            handle, path=self._cancel_socket_name(self.worker_id)
-        )
+        # Bound here: uvloop does not take abstract names as a path.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self._cancel_socket_name(self.worker_id))
+        self._cancel_server = await asyncio.start_unix_server(handle, sock=sock)
 
     async def _route_cancel(self, worker_id: int, process_id: int, secret_key: int) -> None:
         try:
             async with asyncio.timeout(5):
-                _, writer = await asyncio.open_unix_connection(self._cancel_socket_name(worker_id))
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(
+                    sock, self._cancel_socket_name(worker_id)
+                )
+                _, writer = await asyncio.open_unix_connection(sock=sock)
                 writer.write(
                     struct.pack("!iiii", 16, m.CANCEL_REQUEST_CODE, process_id, secret_key)
                 )
@@ -616,14 +622,17 @@ class Gateway:
             log.warning("could not route cancel request to worker %d: %s", worker_id, exc)
 
     async def forward_cancel(self, process_id: int, secret_key: int, route: bool = True) -> None:
-        """Send the upstream CancelRequest for one of our keys (routing it to its worker)."""
-        owner = (process_id >> 24) & 0x7F
-        if route and self.worker_group is not None and owner != self.worker_id:
-            await self._route_cancel(owner, process_id, secret_key)
-            return
+        """Send the upstream CancelRequest for one of our keys. A key this worker does not
+        know may belong to a sibling worker (SO_REUSEPORT spreads connections): ask them."""
         target = self.cancel_map.get((process_id, secret_key))
         if target is None:
-            log.info("cancel request for an unknown key ignored")
+            if route and self.worker_group is not None:
+                siblings = [w for w in range(self.settings.workers) if w != self.worker_id]
+                await asyncio.gather(
+                    *(self._route_cancel(w, process_id, secret_key) for w in siblings)
+                )
+            else:
+                log.info("cancel request for an unknown key ignored")
             return
         try:
             async with asyncio.timeout(5):

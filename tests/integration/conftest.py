@@ -4,6 +4,7 @@ pgguard's own upstream role) and ``pgguard`` (through the gateway, user = sub, p
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -90,11 +91,12 @@ def tables(
     request: pytest.FixtureRequest, target: str, admin: psycopg.Connection[Any]
 ) -> Iterator[Callable[[str], str]]:
     """``tables("suffix")`` → a table name unique to this test and target; dropped after."""
-    base = re.sub(r"\W+", "_", request.node.originalname).strip("_").lower()
+    base = re.sub(r"\W+", "_", request.node.originalname).strip("_").lower()[:32]
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:6]
     names: list[str] = []
 
     def new(suffix: str = "") -> str:
-        name = f"t_{base[:36]}_{target}" + (f"_{suffix}" if suffix else "")
+        name = f"t_{base}_{target}_{digest}" + (f"_{suffix}" if suffix else "")
         name = name[:63]
         admin.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(name)))
         names.append(name)

@@ -187,7 +187,9 @@ def test_slow_client_does_not_make_pgguard_buffer_the_result(gateway: Gateway) -
 
 
 @pytest.mark.parametrize("workers", [2])
-def test_workers_share_the_port_and_route_cancels(make_gateway: MakeGateway, workers: int) -> None:
+def test_workers_share_the_port_and_route_cancels(
+    make_gateway: MakeGateway, pg: PgServer, workers: int
+) -> None:
     gw = make_gateway(workers=workers)
     conns = [psycopg.connect(gw.dsn(f"user{i}"), autocommit=True) for i in range(6)]
     try:
@@ -202,10 +204,22 @@ def test_workers_share_the_port_and_route_cancels(make_gateway: MakeGateway, wor
             except Exception as exc:
                 results[i] = exc
 
+        pids = [conn.info.backend_pid for conn in conns]
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(conns))]
         for t in threads:
             t.start()
-        time.sleep(0.7)
+        # Cancel only once every statement is running, or a cancel could arrive too early.
+        with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                row = admin.execute(
+                    "select count(*) from pg_stat_activity where pid = any(%s)"
+                    " and query like 'select pg_sleep%%' and state = 'active'",
+                    (pids,),
+                ).fetchone()
+                if row and row[0] == len(conns):
+                    break
+                time.sleep(0.05)
         started = time.monotonic()
         for conn in conns:
             conn.cancel_safe()

@@ -25,6 +25,12 @@ from tests.support.schema import ITEMS
 
 from .conftest import Endpoint
 
+
+def _status(conn: psycopg.Connection[Any]) -> TransactionStatus:
+    """The transaction status (a call, so that type checkers do not narrow it)."""
+    return conn.info.transaction_status
+
+
 ITEM_TYPES = [("id", 23), ("name", 25), ("price", 1700), ("created", 1184), ("data", 3802),
               ("blob", 17)]  # fmt: skip
 
@@ -119,10 +125,10 @@ def test_pipeline(endpoint: Endpoint, table: str) -> None:
             conn.execute(ins, (5002, "kept"))
             r = conn.execute(sel)
         assert r.fetchone() == (2001, 2000 * 2001 // 2 + 5002)
-        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert _status(conn) == TransactionStatus.IDLE
 
 
-COPY_ROWS = [
+COPY_ROWS: list[tuple[int, str, Decimal | None, Any, bytes | None]] = [
     (1, "plain", Decimal("1.50"), {"k": 1}, b"\x00\x01"),
     (2, "tab\tand\nnewline and \\ backslash", Decimal("-2.25"), None, b""),
     (3, "ünïcødé ✓", None, {"nested": {"x": [1, 2]}}, None),
@@ -201,6 +207,46 @@ def test_copy_from_stdin(endpoint: Endpoint, table: str) -> None:
             copy.write(b"999999\tfine\nnot-a-number\tbad\n")
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert len(_read_back(conn, table)) == 20012
+
+        # The client gives up mid-COPY (CopyFail): nothing is written, the session goes on.
+        class ClientGaveUp(Exception):
+            pass
+
+        with (
+            pytest.raises(ClientGaveUp),
+            cur.copy(sql.SQL("COPY {} (id, name) FROM STDIN").format(t)) as copy,
+        ):
+            copy.write_row((888888, "never"))
+            raise ClientGaveUp
+        assert _status(conn) == TransactionStatus.IDLE
+        assert len(_read_back(conn, table)) == 20012
+        # And inside a transaction block, the failed COPY fails the block.
+        with (
+            pytest.raises(ClientGaveUp),
+            conn.transaction(),
+            cur.copy(sql.SQL("COPY {} (id, name) FROM STDIN").format(t)) as copy,
+        ):
+            copy.write_row((777777, "never"))
+            raise ClientGaveUp
+        assert len(_read_back(conn, table)) == 20012
+
+
+def test_large_values(endpoint: Endpoint, table: str) -> None:
+    """Single values of tens of MB, both ways (one DataRow / one Bind message each)."""
+    t = sql.Identifier(table)
+    blob = bytes(range(256)) * (20 * 1024 * 1024 // 256)  # 20 MiB
+    with endpoint.connect(autocommit=True) as conn:
+        row = conn.execute("SELECT length(repeat('ab', 15000000)), repeat('ab', 15000000)")
+        n, text = row.fetchone() or (0, "")
+        assert n == 30_000_000 and text == "ab" * 15_000_000
+        conn.execute(sql.SQL("CREATE TABLE {} (id int, b bytea)").format(t))
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (1, %b)").format(t), (blob,))
+        got = conn.cursor(binary=True).execute(sql.SQL("SELECT b, md5(b) FROM {}").format(t))
+        b, digest = got.fetchone() or (b"", "")
+        assert b == blob
+        assert digest == hashlib.md5(blob).hexdigest()
+        got = conn.execute(sql.SQL("SELECT b FROM {}").format(t))  # text format: 40 MiB hex
+        assert (got.fetchone() or (b"",))[0] == blob
 
 
 @pytest.mark.parametrize("fmt", ["text", "csv", "binary"])
@@ -321,6 +367,24 @@ def test_listen_notify_two_connections(endpoint: Endpoint) -> None:
         assert listener.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_backend_pid_consistent(endpoint: Endpoint) -> None:
+    """The process id a client learns at startup (BackendKeyData) is the one the server
+    reports elsewhere: pg_backend_pid() and the sender pid of a NOTIFY. Clients rely on this,
+    e.g. to ignore their own notifications (``n.pid == conn.info.backend_pid``)."""
+    with endpoint.connect(autocommit=True) as listener, endpoint.connect(autocommit=True) as sender:
+        for conn in (listener, sender):
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row == (conn.info.backend_pid,)
+        listener.execute("LISTEN pid_check")
+        listener.execute("NOTIFY pid_check, 'self'")
+        sender.execute("NOTIFY pid_check, 'other'")
+        got = list(listener.notifies(timeout=10, stop_after=2))
+        assert [(n.payload, n.pid) for n in got] == [
+            ("self", listener.info.backend_pid),
+            ("other", sender.info.backend_pid),
+        ]
+
+
 def test_transactions_and_rollback(endpoint: Endpoint, table: str) -> None:
     t = sql.Identifier(table)
     with endpoint.connect(autocommit=True) as conn:
@@ -328,7 +392,7 @@ def test_transactions_and_rollback(endpoint: Endpoint, table: str) -> None:
         ins = sql.SQL("INSERT INTO {} VALUES (%s)").format(t)
         with conn.transaction():
             conn.execute(ins, (1,))
-            assert conn.info.transaction_status == TransactionStatus.INTRANS
+            assert _status(conn) == TransactionStatus.INTRANS
         with conn.transaction():
             conn.execute(ins, (2,))
             with conn.transaction(force_rollback=True):  # savepoint
@@ -336,20 +400,20 @@ def test_transactions_and_rollback(endpoint: Endpoint, table: str) -> None:
             conn.execute(ins, (4,))
         with conn.transaction(force_rollback=True):
             conn.execute(ins, (5,))
-        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert _status(conn) == TransactionStatus.IDLE
         ids = conn.execute(sql.SQL("SELECT id FROM {} ORDER BY id").format(t)).fetchall()
         assert ids == [(1,), (2,), (4,)]
     # Explicit BEGIN / ROLLBACK / COMMIT through the driver's implicit transactions.
     with endpoint.connect() as conn:
         conn.execute(ins, (6,))
-        assert conn.info.transaction_status == TransactionStatus.INTRANS
+        assert _status(conn) == TransactionStatus.INTRANS
         conn.rollback()
         conn.execute(ins, (7,))
         conn.commit()
     # Explicit transaction control statements in autocommit mode.
     with endpoint.connect(autocommit=True) as conn:
         conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
-        assert conn.info.transaction_status == TransactionStatus.INTRANS
+        assert _status(conn) == TransactionStatus.INTRANS
         conn.execute(ins, (8,))
         conn.execute("SAVEPOINT s1")
         conn.execute(ins, (9,))
@@ -358,7 +422,7 @@ def test_transactions_and_rollback(endpoint: Endpoint, table: str) -> None:
         conn.execute("START TRANSACTION")
         conn.execute(ins, (10,))
         conn.execute("ROLLBACK")
-        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert _status(conn) == TransactionStatus.IDLE
         ids = conn.execute(sql.SQL("SELECT id FROM {} ORDER BY id").format(t)).fetchall()
         assert ids == [(1,), (2,), (4,), (7,), (8,)]
 
@@ -374,12 +438,12 @@ def test_error_mid_transaction_then_rollback(endpoint: Endpoint, table: str) -> 
         assert exc.value.sqlstate == "22012"
         assert exc.value.diag.severity == "ERROR"
         assert exc.value.diag.message_primary == "division by zero"
-        assert conn.info.transaction_status == TransactionStatus.INERROR
+        assert _status(conn) == TransactionStatus.INERROR
         with pytest.raises(errors.InFailedSqlTransaction):
             conn.execute("SELECT 1")
-        assert conn.info.transaction_status == TransactionStatus.INERROR
+        assert _status(conn) == TransactionStatus.INERROR
         conn.rollback()
-        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert _status(conn) == TransactionStatus.IDLE
         assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t)).fetchone() == (0,)
         conn.commit()
         # Errors of other kinds, in the extended protocol, outside a transaction.
@@ -390,7 +454,7 @@ def test_error_mid_transaction_then_rollback(endpoint: Endpoint, table: str) -> 
             conn.execute("SELEC 1")
         with pytest.raises(errors.InvalidTextRepresentation):
             conn.execute("SELECT %s::int", ("x",))
-        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert _status(conn) == TransactionStatus.IDLE
         assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
 
 
@@ -429,6 +493,25 @@ def test_two_million_rows_streamed(endpoint: Endpoint, request: pytest.FixtureRe
             f"gateway RSS grew by {sampler.growth / 2**20:.0f} MiB while streaming "
             f"(baseline {sampler.baseline / 2**20:.0f} MiB, peak {sampler.peak / 2**20:.0f} MiB)"
         )
+
+
+def test_startup_options(endpoint: Endpoint) -> None:
+    """application_name and options=-c … reach the server; so does the database name."""
+    with endpoint.connect(
+        autocommit=True,
+        application_name="matrix-app",
+        options="-c statement_timeout=1234 -c search_path=pg_catalog,public",
+    ) as conn:
+        assert conn.info.parameter_status("application_name") == "matrix-app"
+        assert conn.execute(
+            "SELECT current_setting('application_name'), current_setting('statement_timeout'), "
+            "current_setting('search_path'), current_database()"
+        ).fetchone() == ("matrix-app", "1234ms", "pg_catalog,public", "app")
+    with endpoint.connect(autocommit=True, dbname="postgres") as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)
+    with pytest.raises(psycopg.OperationalError) as exc:
+        endpoint.connect(dbname="no_such_db_here")
+    assert 'database "no_such_db_here" does not exist' in str(exc.value)
 
 
 def test_parameter_status(endpoint: Endpoint, admin: psycopg.Connection[Any]) -> None:

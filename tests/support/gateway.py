@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class Gateway:
         self.log_path = workdir / "pgguard.log"
         self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
+        self.issued: list[str] = []  # every token minted here, to check the log never has one
 
     # -- process ------------------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class Gateway:
         from pgguard.identity import mint_token  # lazy: the harness must import without it
 
         token: str = mint_token(self.secret, sub, groups=tuple(groups), ttl=ttl, claims=claims)
+        self.issued.append(token)
         return token
 
     def dsn(
@@ -192,3 +194,8 @@ class Gateway:
         return make_conninfo(
             "", host=self.host, port=self.port, user=sub, dbname=dbname, password=password, **params
         )
+
+
+MakeGateway = Callable[..., Gateway]
+"""The ``make_gateway`` fixture: ``make_gateway(*, secret=None, env=None, start=True,
+**config_overrides) -> Gateway``."""

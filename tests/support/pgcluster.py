@@ -139,7 +139,7 @@ def find_bindir() -> Path | None:
         if _has_server(candidate):
             return candidate
     try:
-        import pgserver  # type: ignore[import-not-found]
+        import pgserver
     except Exception:
         return None
     base = Path(pgserver.__file__).parent
@@ -409,13 +409,18 @@ def external_server(dsn: str) -> PgServer:
     if host.startswith("/"):
         host = "127.0.0.1"  # pgguard and the clients under test need TCP
     port = int(params.get("port") or os.environ.get("PGPORT") or 5432)
+    superuser = str(params.get("user") or os.environ.get("PGUSER") or SUPERUSER)
+    password = params.get("password") or os.environ.get("PGPASSWORD")
+    pgguard_password = os.environ.get("PGGUARD_TEST_PGGUARD_PASSWORD", "pgguard-test-pw")
+    if superuser == PGGUARD_ROLE and password:
+        pgguard_password = str(password)  # don't change the password the DSN itself uses
     return PgServer(
         host=host,
         port=port,
-        superuser=str(params.get("user") or SUPERUSER),
-        superuser_password=None if params.get("password") is None else str(params["password"]),
+        superuser=superuser,
+        superuser_password=None if password is None else str(password),
         superuser_dsn=dsn,
-        pgguard_password=os.environ.get("PGGUARD_TEST_PGGUARD_PASSWORD", "pgguard-test-pw"),
+        pgguard_password=pgguard_password,
         md5user_password=os.environ.get("PGGUARD_TEST_MD5USER_PASSWORD", "md5user-test-pw"),
         bindir=find_bindir(),
         private=False,

@@ -16,7 +16,10 @@ import struct
 from dataclasses import dataclass, field
 
 PROTOCOL_3 = 196608  # 3.0
+PROTOCOL_2 = 131072  # 2.0, refused by everyone nowadays
 SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
 
 
 class PgError(Exception):
@@ -24,6 +27,7 @@ class PgError(Exception):
 
     def __init__(self, fields: dict[str, str]) -> None:
         self.fields = fields
+        self.auth_methods: list[int] = []  # authentication requests seen before it (startup)
         super().__init__(f"{fields.get('S', '?')} {fields.get('C', '?')}: {fields.get('M', '')}")
 
     @property
@@ -119,7 +123,9 @@ class RawConnection:
         while True:
             kind, msg = self.read_message()
             if kind == b"E":
-                raise PgError(parse_fields(msg))
+                err = PgError(parse_fields(msg))
+                err.auth_methods = list(self.auth_methods)
+                raise err
             if kind == b"N":
                 self.notices.append(parse_fields(msg))
             elif kind == b"R":
@@ -231,6 +237,61 @@ class RawConnection:
             else:
                 raise ProtocolViolation(f"unexpected message {kind!r} after FunctionCall")
 
+    # -- extended protocol, message by message -----------------------------------------
+
+    def parse(self, name: str, query: str, param_types: list[int] | None = None) -> None:
+        types = param_types or []
+        body = _cstr(name) + _cstr(query) + struct.pack("!h", len(types))
+        body += b"".join(struct.pack("!I", t) for t in types)
+        self.send(b"P", body)
+
+    def bind(
+        self,
+        portal: str,
+        statement: str,
+        params: list[bytes | None],
+        *,
+        param_formats: list[int] | None = None,
+        result_formats: list[int] | None = None,
+    ) -> None:
+        pf = param_formats or []
+        rf = result_formats or []
+        body = _cstr(portal) + _cstr(statement)
+        body += struct.pack("!h", len(pf)) + b"".join(struct.pack("!h", f) for f in pf)
+        body += struct.pack("!h", len(params))
+        for p in params:
+            body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p
+        body += struct.pack("!h", len(rf)) + b"".join(struct.pack("!h", f) for f in rf)
+        self.send(b"B", body)
+
+    def describe(self, kind: str, name: str) -> None:
+        self.send(b"D", kind.encode() + _cstr(name))
+
+    def execute(self, portal: str, max_rows: int = 0) -> None:
+        self.send(b"E", _cstr(portal) + struct.pack("!i", max_rows))
+
+    def close(self, kind: str, name: str) -> None:
+        self.send(b"C", kind.encode() + _cstr(name))
+
+    def flush(self) -> None:
+        self.send(b"H")
+
+    def sync(self) -> None:
+        self.send(b"S")
+
+    def read_messages(self, count: int) -> list[tuple[bytes, bytes]]:
+        return [self.read_message() for _ in range(count)]
+
+    def read_until_ready(self) -> list[tuple[bytes, bytes]]:
+        """Every message up to and including the next ReadyForQuery."""
+        out: list[tuple[bytes, bytes]] = []
+        while True:
+            kind, body = self.read_message()
+            out.append((kind, body))
+            if kind == b"Z":
+                self.status = body[:1]
+                return out
+
     def terminate(self) -> None:
         with contextlib.suppress(OSError):
             self.send(b"X")
@@ -293,6 +354,23 @@ class _Scram:
         expected = hmac.digest(server_key, self.auth_message, "sha256")
         if not hmac.compare_digest(base64.b64decode(attrs["v"]), expected):
             raise ProtocolViolation("SCRAM server signature mismatch")
+
+
+def negotiate(sock: socket.socket, code: int) -> bytes:
+    """Send an SSLRequest/GSSENCRequest-style 8-byte request; return the 1-byte answer."""
+    sock.sendall(struct.pack("!ii", 8, code))
+    answer = sock.recv(1)
+    if not answer:
+        raise ProtocolViolation("connection closed instead of answering the request")
+    return answer
+
+
+def send_cancel(host: str, port: int, pid: int, key: int) -> None:
+    """A CancelRequest on a new connection (the server answers nothing and closes)."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(struct.pack("!iiii", 16, CANCEL_REQUEST, pid, key))
+        with contextlib.suppress(OSError):
+            sock.recv(1)
 
 
 def connect(

@@ -26,8 +26,8 @@ def craft(
     alg: str = "HS256",
     header: dict[str, Any] | None = None,
 ) -> str:
-    """Encode ``claims``; sign with HMAC-SHA256 when ``secret`` is given and ``alg`` is HS256,
-    leave the signature empty for ``alg: none``."""
+    """Encode ``claims``; sign with HMAC when ``secret`` is given (HS256/384/512), leave the
+    signature empty for ``alg: none``."""
     hdr = {"alg": alg, "typ": "JWT", **(header or {})}
     signing_input = (
         b64url(json.dumps(hdr, separators=(",", ":")).encode())
@@ -36,7 +36,8 @@ def craft(
     )
     if alg.lower() == "none" or secret is None:
         return signing_input + "."
-    if alg != "HS256":
-        raise ValueError("only HS256 and none are crafted here")
-    sig = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    digests = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+    if alg not in digests:
+        raise ValueError("only HS256/HS384/HS512 and none are crafted here")
+    sig = hmac.new(secret.encode(), signing_input.encode(), digests[alg]).digest()
     return signing_input + "." + b64url(sig)
