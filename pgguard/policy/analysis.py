@@ -1425,7 +1425,9 @@ def _s_transaction(w: _Walker, body: Node) -> str:
 
 def _s_prepare(w: _Walker, body: Node) -> str:
     w.cls("session")
-    w.node(body.get("query"))
+    inner = _wrapped(body.get("query"))
+    if inner is not None:
+        _statement(w, *inner)  # judged as if it ran now
     return "PREPARE"
 
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from pgguard.protocol.messages import ProtocolError
 
 _LEN = struct.Struct("!I")
+_HEADER = struct.Struct("!BI")  # type byte (as an int) and length, in one call
 HEADER_SIZE = 5
 
 
@@ -187,10 +188,10 @@ class Scanner:
         hits: list[int] = []
         intercept = self._intercept
         limit4 = self._limit + 4
-        unpack = _LEN.unpack_from
-        while pos + HEADER_SIZE <= n:
-            t = buf[pos]
-            length = unpack(buf, pos + 1)[0]
+        header = _HEADER.unpack_from
+        last = n - HEADER_SIZE
+        while pos <= last:
+            t, length = header(buf, pos)
             if not 4 <= length <= limit4:
                 _check_length(t, length, self._limit)
             end = pos + 1 + length

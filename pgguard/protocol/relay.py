@@ -41,6 +41,8 @@ _E = 69
 StatementHook = Callable[[str], Refusal | None]
 
 _T, _D = 84, 68
+# ReadyForQuery status byte → the bytes object, without slicing a new one per message.
+_STATUS = [bytes((i,)) for i in range(256)]
 _ASYNC = frozenset(b"ANS")  # NotificationResponse, NoticeResponse, ParameterStatus
 _ALL_TYPES = bytes(range(256))
 
@@ -254,7 +256,7 @@ class RelayCore:
                 prev = end
                 continue
             if t == _Z:
-                self.status = buf[pos + 5 : pos + 6]
+                self.status = _STATUS[buf[pos + 5]]
                 if self.pending:
                     self.pending -= 1
                 if self.pending == 0:
