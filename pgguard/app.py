@@ -11,11 +11,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import anyio
 
 from pgguard.config import Settings
 from pgguard.identity import IdentityConfigError, TokenValidator
+from pgguard.policy.loader import check_policy_files
+from pgguard.policy.model import Policy
 from pgguard.proxy.server import Gateway, run_coroutine
 
 log = logging.getLogger("pgguard")
@@ -26,9 +29,10 @@ async def serve_async(
     *,
     worker_id: int = 0,
     worker_group: int | None = None,
+    policy: Policy | None = None,
     on_ready: Callable[[Gateway], None] | None = None,
 ) -> None:
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, policy=policy)
     # The relay allocates a few short-lived containers per message; keep the cyclic collector
     # from walking the long-lived startup objects over and over.
     gc.freeze()
@@ -48,7 +52,8 @@ async def serve_async(
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                log.info("SIGHUP: reloading", extra={"worker": worker_id})
+                log.info("SIGHUP: reloading the policy", extra={"worker": worker_id})
+                gateway.reload_policy()
                 continue
             log.info(
                 "%s: draining (deadline %.0fs)",
@@ -61,6 +66,19 @@ async def serve_async(
     log.info("pgguard stopped", extra={"worker": worker_id})
 
 
+def load_startup_policy(settings: Settings) -> Policy | Literal[False] | None:
+    """The policy to start with; False (after logging every problem) if it is invalid."""
+    result = check_policy_files(settings.policies)
+    for problem in result.warnings:
+        log.warning("policy: %s", problem)
+    if not result.ok:
+        for problem in result.errors:
+            log.error("policy: %s", problem)
+        log.error("cannot start: the policy is invalid (see `pgguard policy check`)")
+        return False
+    return result.policy
+
+
 def serve(settings: Settings) -> int:
     """Run the gateway in this process, or fork ``settings.workers`` workers sharing the port."""
     try:
@@ -68,8 +86,11 @@ def serve(settings: Settings) -> int:
     except IdentityConfigError as exc:
         log.error("cannot start: %s", exc)
         return 2
+    policy = load_startup_policy(settings)
+    if policy is False:
+        return 2
     if settings.workers <= 1:
-        run_coroutine(lambda: serve_async(settings))
+        run_coroutine(functools.partial(serve_async, settings, policy=policy or None))
         return 0
     children: dict[int, int] = {}
     group = os.getpid()
@@ -79,7 +100,11 @@ def serve(settings: Settings) -> int:
             try:
                 run_coroutine(
                     functools.partial(
-                        serve_async, settings, worker_id=worker_id, worker_group=group
+                        serve_async,
+                        settings,
+                        worker_id=worker_id,
+                        worker_group=group,
+                        policy=policy or None,
                     )
                 )
             except BaseException:

@@ -142,7 +142,12 @@ def run_demo(port: int = 6432, keep_running: bool = True) -> int:
             click.echo("Press Ctrl-C to stop; everything is removed on exit.")
 
         if keep_running:
-            run_coroutine(lambda: serve_async(settings, on_ready=ready))
+            from pgguard.app import load_startup_policy
+
+            policy = load_startup_policy(settings)
+            if policy is False:
+                return 2
+            run_coroutine(lambda: serve_async(settings, policy=policy, on_ready=ready))
         else:
             ready(None)
         return 0

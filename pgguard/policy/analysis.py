@@ -34,16 +34,28 @@ Class decisions (SPEC §3, pgAudit-like; a statement gets *every* class it belon
 * ``copy``: every COPY; COPY to/from a program or a server file is also ``admin`` and
   ``function``.
 * ``admin``: VACUUM, ANALYZE, CHECKPOINT, CLUSTER, REINDEX, ALTER SYSTEM, LOAD, databases,
-  tablespaces, extensions, languages, event triggers, FDWs, subscriptions, access methods.
+  tablespaces, extensions, languages, event triggers, FDWs, subscriptions, access methods;
+  and (with ``function``) settings that would make the server lex SQL differently from the
+  analyser: ``standard_conforming_strings`` off, a ``client_encoding`` such as SJIS / BIG5 /
+  GBK whose characters can end in a backslash byte (SET or ``set_config``).
 * A statement type the analyser does not know gets ``admin role function ddl write``.
 
 Evasions: nested statements are walked wherever they are (CTEs, subqueries, EXPLAIN
 ANALYZE, PREPARE, DECLARE, COPY (query), CREATE TABLE AS); definitions that do not run now
-(CREATE VIEW / RULE / FUNCTION / TRIGGER / POLICY bodies, plain EXPLAIN) record their objects
-but add no classes. ``EXECUTE name`` takes the classes of the prepared statement when the
-caller passes it in ``prepared`` (see :func:`prepared_statement`); otherwise it is assumed
-``read write function`` (everything a PREPARE may contain). A multi-statement string gives
-one facts per statement, and a ``SET search_path`` in it applies to the statements after it.
+(CREATE VIEW / RULE / FUNCTION / TRIGGER / POLICY bodies, column defaults of CREATE TABLE,
+plain EXPLAIN) record their objects but add no classes. ``PREPARE name AS stmt`` gets the
+classes of ``stmt`` plus ``session``. ``EXECUTE name`` takes the facts (and command tag) of
+the prepared statement when it is known — from the caller's ``prepared`` mapping (see
+:func:`prepared_statement`) or from a PREPARE earlier in the same string — and is otherwise
+assumed ``read write function`` (everything a PREPARE may contain). A multi-statement
+string gives one facts per statement; a ``SET search_path`` in it applies to the statements
+after it.
+
+``without_where`` is set for an UPDATE / DELETE (anywhere in the statement, CTEs included)
+whose WHERE is missing, folds to true (``true``, ``1=1``, ``'a'='a'``, ``x = x``, ``NOT
+false``, ``1 IN (1, 2)``, ``true OR …``), or references no column at all (``EXISTS (SELECT
+1)``, ``$1``, ``random() < 0.5``: the same answer for every row), and for TRUNCATE.
+``WHERE CURRENT OF`` counts as bounded.
 
 Relations missing from the catalog keep their written name: ``schema.name`` when qualified,
 otherwise one entry per schema of the search path (``pg_catalog`` excluded) because any of
@@ -56,9 +68,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
 from pglast import ast, parser
 
@@ -75,6 +88,7 @@ __all__ = [
 ]
 
 Node = dict[str, Any]
+_T = TypeVar("_T")
 
 
 class AnalysisError(ValueError):
@@ -299,6 +313,25 @@ _ALL_DANGEROUS: frozenset[StatementClass] = frozenset({"admin", "role", "functio
 _EXECUTE_UNKNOWN: frozenset[StatementClass] = frozenset({"read", "write", "function"})
 _LOCK_READ_MODES = 3  # AccessShare, RowShare, RowExclusive: allowed in read-only transactions
 _READ_ONLY_SETTINGS = frozenset({"default_transaction_read_only", "transaction_read_only"})
+# Client encodings whose multibyte characters can end in an ASCII byte such as a backslash:
+# the server would split string literals where the analyser (reading UTF-8) does not.
+_UNSAFE_ENCODINGS = frozenset(
+    {
+        "sjis",
+        "mskanji",
+        "shiftjis",
+        "shiftjis2004",
+        "windows932",
+        "big5",
+        "windows950",
+        "gbk",
+        "windows936",
+        "gb18030",
+        "uhc",
+        "windows949",
+        "johab",
+    }
+)
 _TRUE_WORDS = frozenset({"t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"f", "fa", "fal", "fals", "false", "n", "no", "off", "of", "0"})
 
@@ -532,6 +565,28 @@ def _const_value(node: Any) -> object:
     return _UNKNOWN
 
 
+def _lexer_risk(name: str, value: object) -> str | None:
+    """Why setting ``name`` to ``value`` (``_UNKNOWN``: not a constant) would make the server
+    read later SQL text differently from the analyser, or None.
+
+    The analyser lexes with ``standard_conforming_strings = on`` and UTF-8 text. With it off
+    the server reads a backslash before a quote as an escape, so a statement hidden after a
+    literal such as ``'x<backslash>''`` is a string to the analyser but runs on the server."""
+    if name == "standard_conforming_strings":
+        if value is _UNKNOWN or _to_bool(value) is not True:
+            return (
+                "standard_conforming_strings off: the server would read string literals "
+                "differently from the analyser"
+            )
+    elif name == "client_encoding":
+        if value is _UNKNOWN:
+            return "client_encoding set to a non-constant value"
+        cleaned = "".join(c for c in str(value).lower() if c.isalnum())
+        if cleaned in _UNSAFE_ENCODINGS:
+            return f"client_encoding {value}: multibyte characters can hide quotes or backslashes"
+    return None
+
+
 def _always_true(node: Any) -> bool:
     value = _const_value(node)
     return value is not _UNKNOWN and value is not None and _to_bool(value) is True
@@ -603,6 +658,11 @@ class _Walker:
         self.without_where = False
         self.sets_search_path: tuple[str, ...] | None = None
         self.search_path_is_local = False
+        self.sql = ""  # this statement's text
+        # SQL-level prepared statements this statement creates or drops ("*": all)
+        self.prepared_name: str | None = None
+        self.prepared_facts: StatementFacts | None = None
+        self.deallocated: str | None = None
 
     # ---- recording
 
@@ -873,6 +933,12 @@ class _Walker:
             return
         if lowered in _READ_ONLY_SETTINGS:
             self.note(f'set_config() changes "{lowered}"')
+        if lowered in ("standard_conforming_strings", "client_encoding"):
+            risk = _lexer_risk(lowered, _const_value(args[1]) if len(args) > 1 else _UNKNOWN)
+            if risk:
+                self.cls("admin", "function")
+                self.note(risk)
+            return
         if lowered != "search_path":
             return
         value = _const_string(args[1]) if len(args) > 1 else None
@@ -1363,6 +1429,12 @@ def _s_variable_set(w: _Walker, body: Node) -> str:
         w.note(f'changes "{name}"')
     if name in _READ_ONLY_SETTINGS:
         w.note(f'changes "{name}"')
+    if kind == "VAR_SET_VALUE" and name in ("standard_conforming_strings", "client_encoding"):
+        args = body.get("args") or []
+        risk = _lexer_risk(name, _const_value(args[0]) if len(args) == 1 else _UNKNOWN)
+        if risk:
+            w.cls("admin", "function")
+            w.note(risk)
     if kind == "VAR_SET_MULTI":
         for item in body.get("args", ()):
             elem = item.get("DefElem", {})
@@ -1393,6 +1465,7 @@ def _s_discard(w: _Walker, body: Node) -> str:
     if target == "DISCARD_ALL" and w.executing:
         w.sets_search_path = ()
         w.search_path_is_local = False
+        w.deallocated = "*"
     return target.replace("_", " ")
 
 
@@ -1423,11 +1496,31 @@ def _s_transaction(w: _Walker, body: Node) -> str:
     return _TRANSACTION_TAGS.get(kind, "BEGIN")
 
 
+def _merge(w: _Walker, facts: StatementFacts) -> None:
+    """Take over the facts of a statement this one runs (or prepares)."""
+    if w.executing:
+        w.classes.update(facts.classes)
+        w.written.update(dict.fromkeys(facts.written_tables))
+        w.without_where = w.without_where or facts.without_where
+    w.tables.update(dict.fromkeys(facts.tables))
+    w.columns.update(dict.fromkeys(facts.columns))
+    w.functions.update(dict.fromkeys(facts.functions))
+    for text in facts.notes:
+        w.note(text)
+
+
 def _s_prepare(w: _Walker, body: Node) -> str:
     w.cls("session")
     inner = _wrapped(body.get("query"))
     if inner is not None:
-        _statement(w, *inner)  # judged as if it ran now
+        # judged as if it ran now, and kept for an EXECUTE later in the same string
+        sub = _Walker(w.catalog, w.path, w.allowed, w.prepared)
+        sub.executing = w.executing
+        command = _statement(sub, *inner)
+        facts = _facts(sub, w.sql, command)
+        _merge(w, facts)
+        w.prepared_name = str(body.get("name", ""))
+        w.prepared_facts = facts
     return "PREPARE"
 
 
@@ -1440,15 +1533,7 @@ def _s_execute(w: _Walker, body: Node) -> str:
             w.classes.update(_EXECUTE_UNKNOWN)
         w.note(f'EXECUTE of unknown prepared statement "{name}": assumed read, write, function')
         return "EXECUTE"
-    if w.executing:
-        w.classes.update(known.classes)
-        w.written.update(dict.fromkeys(known.written_tables))
-        w.without_where = w.without_where or known.without_where
-    w.tables.update(dict.fromkeys(known.tables))
-    w.columns.update(dict.fromkeys(known.columns))
-    w.functions.update(dict.fromkeys(known.functions))
-    for text in known.notes:
-        w.note(text)
+    _merge(w, known)
     return known.command
 
 
@@ -1470,7 +1555,11 @@ def _s_close(w: _Walker, body: Node) -> str:
 
 def _s_deallocate(w: _Walker, body: Node) -> str:
     w.cls("session")
-    return "DEALLOCATE ALL" if body.get("isall") or not body.get("name") else "DEALLOCATE"
+    if body.get("isall") or not body.get("name"):
+        w.deallocated = "*"
+        return "DEALLOCATE ALL"
+    w.deallocated = str(body["name"])
+    return "DEALLOCATE"
 
 
 def _s_do(w: _Walker, body: Node) -> str:
@@ -1554,7 +1643,11 @@ def _s_create_table_as(w: _Walker, body: Node) -> str:
         w.cls("write")
         if w.executing:
             w.written[qualified] = None
-        w.node(body.get("query"))
+        inner = _wrapped(body.get("query"))
+        if inner is not None and inner[0] == "ExecuteStmt":
+            _statement(w, *inner)  # CREATE TABLE … AS EXECUTE name
+        else:
+            w.node(body.get("query"))
     return command
 
 
@@ -2016,8 +2109,6 @@ def _parse(sql: str) -> list[Any]:
         tree = json.loads(parser.parse_sql_json(sql))
     except parser.ParseError as exc:
         raise AnalysisError(str(exc)) from None
-    except RecursionError:
-        raise AnalysisError("statement is nested too deeply to analyse") from None
     except (ValueError, TypeError) as exc:  # e.g. invalid UTF-8 surrogates
         raise AnalysisError(f"statement could not be parsed: {exc}") from None
     stmts = tree.get("stmts", [])
@@ -2031,6 +2122,94 @@ def _slice(sql: str, encoded: bytes | None, start: int, length: int) -> str:
         raw = encoded[start : start + length] if length else encoded[start:]
         text = raw.decode("utf-8", errors="replace")
     return text.strip()
+
+
+def _analyse(
+    sql: str,
+    catalog: Catalog,
+    search_path: Sequence[str],
+    allowed_functions: frozenset[str] = frozenset(),
+    *,
+    prepared: Mapping[str, StatementFacts] | None = None,
+    current_user: str = "",
+) -> list[StatementFacts]:
+    """See :func:`analyse`."""
+    stmts = _parse(sql)
+    if not stmts:
+        return []
+    encoded = None if sql.isascii() else sql.encode("utf-8")
+    initial = tuple(search_path)
+    path = initial
+    known = prepared
+    results: list[StatementFacts] = []
+    for raw in stmts:
+        text = _slice(sql, encoded, int(raw.get("stmt_location", 0)), int(raw.get("stmt_len", 0)))
+        item = _wrapped(raw.get("stmt"))
+        if item is None:
+            continue
+        walker = _Walker(catalog, path, allowed_functions, known)
+        walker.sql = text
+        command = _statement(walker, *item)
+        facts = _facts(walker, text, command)
+        results.append(facts)
+        if walker.prepared_facts is not None or walker.deallocated is not None:
+            changed = dict(known or {})
+            if walker.deallocated == "*":
+                changed.clear()
+            elif walker.deallocated is not None:
+                changed.pop(walker.deallocated, None)
+            if walker.prepared_name is not None and walker.prepared_facts is not None:
+                changed[walker.prepared_name] = walker.prepared_facts
+            known = changed
+        if facts.sets_search_path is not None:
+            if not facts.sets_search_path:
+                path = initial
+            else:
+                temp = next((s for s in path if s.startswith("pg_temp")), None)
+                path = effective_search_path(facts.sets_search_path, current_user, temp)
+    return results
+
+
+def _prepared_statement(
+    sql: str,
+    catalog: Catalog,
+    search_path: Sequence[str],
+    allowed_functions: frozenset[str] = frozenset(),
+) -> tuple[str, StatementFacts] | None:
+    """See :func:`prepared_statement`."""
+    stmts = _parse(sql)
+    if len(stmts) != 1:
+        return None
+    item = _wrapped(stmts[0].get("stmt"))
+    if item is None or item[0] != "PrepareStmt":
+        return None
+    walker = _Walker(catalog, tuple(search_path), allowed_functions, None)
+    walker.sql = sql.strip()
+    _statement(walker, *item)
+    if walker.prepared_name is None or walker.prepared_facts is None:
+        return None
+    return walker.prepared_name, walker.prepared_facts
+
+
+_DEEP_RECURSION_LIMIT = 12000
+
+
+def _deep(run: Callable[[], _T]) -> _T:
+    """Run ``run``; if the tree is too deep for the default recursion limit (``json.loads``
+    and the walker recurse per nesting level: ~500 chained operators), retry once with a
+    higher limit, and refuse the statement if even that is not enough."""
+    try:
+        return run()
+    except RecursionError:
+        pass
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, _DEEP_RECURSION_LIMIT))
+    try:
+        return run()
+    except RecursionError:
+        raise AnalysisError("statement is nested too deeply to analyse") from None
+    finally:
+        sys.setrecursionlimit(old)
 
 
 def analyse(
@@ -2048,37 +2227,22 @@ def analyse(
     ``allowed_functions`` holds qualified names (``schema.name``) whose calls are never
     class ``function``. ``prepared`` maps SQL-level prepared statement names to the facts
     of their inner statement (:func:`prepared_statement`), so ``EXECUTE`` is judged exactly;
-    ``current_user`` expands ``$user`` when a ``SET search_path`` in ``sql`` applies to the
-    statements after it. An empty or comment-only string gives ``[]``.
+    PREPARE / DEALLOCATE / DISCARD ALL earlier in ``sql`` are tracked too. ``current_user``
+    expands ``$user`` when a ``SET search_path`` in ``sql`` applies to the statements after
+    it. An empty or comment-only string gives ``[]``.
 
-    Raises :class:`AnalysisError` when the text does not parse.
+    Raises :class:`AnalysisError` when the text does not parse (or is nested too deeply).
     """
-    stmts = _parse(sql)
-    if not stmts:
-        return []
-    encoded = None if sql.isascii() else sql.encode("utf-8")
-    initial = tuple(search_path)
-    path = initial
-    results: list[StatementFacts] = []
-    for raw in stmts:
-        text = _slice(sql, encoded, int(raw.get("stmt_location", 0)), int(raw.get("stmt_len", 0)))
-        item = _wrapped(raw.get("stmt"))
-        if item is None:
-            continue
-        walker = _Walker(catalog, path, allowed_functions, prepared)
-        try:
-            command = _statement(walker, *item)
-        except RecursionError:
-            raise AnalysisError("statement is nested too deeply to analyse") from None
-        facts = _facts(walker, text, command)
-        results.append(facts)
-        if facts.sets_search_path is not None:
-            if not facts.sets_search_path:
-                path = initial
-            else:
-                temp = next((s for s in path if s.startswith("pg_temp")), None)
-                path = effective_search_path(facts.sets_search_path, current_user, temp)
-    return results
+    return _deep(
+        lambda: _analyse(
+            sql,
+            catalog,
+            search_path,
+            allowed_functions,
+            prepared=prepared,
+            current_user=current_user,
+        )
+    )
 
 
 def prepared_statement(
@@ -2090,19 +2254,4 @@ def prepared_statement(
     """For a single SQL-level ``PREPARE name AS stmt``: ``(name, facts of stmt)``, the value
     to keep for ``analyse(..., prepared=...)``; None for anything else. The inner facts carry
     the inner command tag (DELETE, …) and its own ``without_where``."""
-    stmts = _parse(sql)
-    if len(stmts) != 1:
-        return None
-    item = _wrapped(stmts[0].get("stmt"))
-    if item is None or item[0] != "PrepareStmt":
-        return None
-    body = item[1]
-    inner = _wrapped(body.get("query"))
-    if inner is None:
-        return None
-    walker = _Walker(catalog, tuple(search_path), allowed_functions, None)
-    try:
-        command = _statement(walker, *inner)
-    except RecursionError:
-        raise AnalysisError("statement is nested too deeply to analyse") from None
-    return str(body.get("name", "")), _facts(walker, sql.strip(), command)
+    return _deep(lambda: _prepared_statement(sql, catalog, search_path, allowed_functions))

@@ -75,6 +75,7 @@ class RelayCore:
 
     __slots__ = (
         "_client",
+        "_epoch_seen",
         "_internal_active",
         "_internal_error",
         "_internal_queue",
@@ -86,6 +87,7 @@ class RelayCore:
         "_verdicts",
         "closing",
         "ending",
+        "epoch",
         "hook",
         "pending",
         "server_out",
@@ -102,6 +104,8 @@ class RelayCore:
         self._refusals: dict[str, Refusal] = {}
         self._seq = 0
         self._verdicts: dict[bytes, Refusal | object | None] = {}
+        self.epoch: list[int] | None = None  # shared cell: verdicts are stale when it moves
+        self._epoch_seen = 0
         self._client = Scanner(CLIENT_INTERCEPT, max_message_bytes)
         self._server = Scanner(SERVER_INTERCEPT, max_message_bytes)
         self.status = b"I"  # transaction status from the last ReadyForQuery
@@ -110,7 +114,7 @@ class RelayCore:
         self.ending: Fatal | None = None  # end the session at the next idle point
         self.closing = False  # close both sides once the output is written
         # pgguard's own queries on the session (e.g. to learn the search_path after a SET).
-        self._internal_queue: list[tuple[str, InternalCallback]] = []
+        self._internal_queue: list[tuple[str, InternalCallback, bool]] = []
         self._internal_active: InternalCallback | None = None
         self._internal_rows: list[tuple[str | None, ...]] = []
         self._internal_error: str | None = None
@@ -191,6 +195,9 @@ class RelayCore:
     def _judge(self, raw: bytes, sql: bytes, is_parse: bool) -> bytes:
         """``raw`` if the statement may go, else its substitute."""
         cache = self._verdicts
+        if self.epoch is not None and self.epoch[0] != self._epoch_seen:
+            cache.clear()  # the policy or a catalog changed since these verdicts
+            self._epoch_seen = self.epoch[0]
         refusal = cache.get(sql, _UNSEEN)
         if refusal is _UNSEEN:
             assert self.hook is not None
@@ -262,7 +269,7 @@ class RelayCore:
                 if self.pending == 0:
                     if self._refusals:
                         self._refusals.clear()  # refused requests skipped after an error
-                    if self._internal_queue and self.status != b"E":
+                    if self._internal_ready():
                         self._start_internal()
                 if self.ending is not None and self._can_end():
                     self.closing = True
@@ -284,17 +291,31 @@ class RelayCore:
         return b"".join(out)
 
     # ------------------------------------------------------------------ pgguard's own queries
-    def internal_query(self, sql: str, on_result: InternalCallback) -> None:
+    def forget_verdicts(self) -> None:
+        """Judge every statement afresh (e.g. after the search_path changed)."""
+        self._verdicts.clear()
+
+    def internal_query(
+        self, sql: str, on_result: InternalCallback, outside_transaction: bool = False
+    ) -> None:
         """Run ``sql`` on the upstream session at its next idle point, unseen by the client.
 
         ``on_result(rows, error)`` gets the text rows of the last result, or the error message.
-        It is sent when no client request is outstanding (and not in a failed transaction),
-        so its reply comes back whole before any later client request's reply.
+        It is sent when no client request is outstanding (and not in a failed transaction, or
+        with ``outside_transaction`` only once no transaction block is open), so its reply
+        comes back whole before any later client request's reply.
         """
-        self._internal_queue.append((sql, on_result))
+        self._internal_queue.append((sql, on_result, outside_transaction))
+
+    def _internal_ready(self) -> bool:
+        if not self._internal_queue or self.pending:
+            return False
+        if self._internal_queue[0][2]:
+            return self.status == b"I"
+        return self.status != b"E"
 
     def _start_internal(self) -> None:
-        sql, callback = self._internal_queue.pop(0)
+        sql, callback, _ = self._internal_queue.pop(0)
         self._internal_active = callback
         self._internal_rows = []
         self._internal_error = None
@@ -317,5 +338,5 @@ class RelayCore:
             self._server.set_intercept(SERVER_INTERCEPT)
             assert callback is not None
             callback(self._internal_rows, self._internal_error)
-            if self._internal_queue and self.pending == 0:
+            if self._internal_ready():
                 self._start_internal()

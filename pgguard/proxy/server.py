@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import logging
 import secrets
@@ -25,7 +24,11 @@ from typing import Any, cast
 
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
-from pgguard.policy.identity_guard import check_identity
+from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_from_rows
+from pgguard.policy.engine import limits_for
+from pgguard.policy.guard import GuardState, SessionGuard, policy_in_force
+from pgguard.policy.loader import check_policy_files
+from pgguard.policy.model import Policy
 from pgguard.protocol import messages as m
 from pgguard.protocol.auth import AuthFailed, ScramClient, md5_password
 from pgguard.protocol.framing import MessageReader, StartupReader
@@ -197,6 +200,8 @@ class Session:
         addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
         self.info = SessionInfo(session_id=secrets.token_hex(8), client_addr=addr)
         self.identity: Identity | None = None
+        self.guard: SessionGuard | None = None
+        self.role_mapped = False
         self.key: tuple[int, int] | None = None
         self.tls = False
         self.last_active = time.monotonic()
@@ -370,16 +375,12 @@ class Session:
                 startup.params,
                 upstream_user=self.settings.upstream.user,
                 database=database,
-                identity_settings={
-                    "pgguard.user": identity.user,
-                    "pgguard.groups": ",".join(identity.groups),
-                    "pgguard.prompt_id": identity.prompt_id or "",
-                },
+                identity_settings=self._pgguard_settings(identity, database),
                 role=role,
             )
         except StartupRefused as exc:
             raise SessionEnded(Fatal(exc.sqlstate, str(exc))) from None
-        self.core.hook = functools.partial(check_identity, role_mapped=role is not None)
+        self.role_mapped = role is not None
         if upstream_startup.prompt_id is not None:
             params = [
                 (k, upstream_startup.prompt_id if k == "pgguard.prompt_id" else v)
@@ -388,7 +389,75 @@ class Session:
         else:
             params = list(upstream_startup.params)
         await self._connect_upstream(m.StartupMessage(tuple(params)))
+        await self._start_guard(identity, database)
         return True
+
+    def _pgguard_settings(self, identity: Identity, database: str) -> dict[str, str]:
+        """Settings pgguard puts on the upstream session: identity, and the identity's limits."""
+        settings = {
+            "pgguard.user": identity.user,
+            "pgguard.groups": ",".join(identity.groups),
+            "pgguard.prompt_id": identity.prompt_id or "",
+        }
+        policy = self.gateway.guard.policy
+        if policy is not None:
+            limits = limits_for(policy, identity, database)
+            if limits.statement_timeout is not None:
+                settings["statement_timeout"] = str(int(limits.statement_timeout * 1000))
+            if limits.read_only:
+                settings["default_transaction_read_only"] = "on"
+        return settings
+
+    async def _start_guard(self, identity: Identity, database: str) -> None:
+        state = self.gateway.guard
+        guard = SessionGuard(state, identity, database, role_mapped=self.role_mapped)
+        if state.policy is not None:
+            assert self.upstream is not None
+            await self.gateway.ensure_catalog(database)
+            try:
+                rows = await simple_query(
+                    self.upstream,
+                    "select current_setting('search_path'), current_user",
+                    self.settings.limits.max_message_bytes,
+                )
+            except QueryFailed as exc:
+                raise SessionEnded(
+                    Fatal("08P01", f"pgguard: session setup failed: {exc}")
+                ) from None
+            setting, current_user = rows[0][0] or "", rows[0][1] or ""
+            guard.current_user = current_user
+            guard.search_path = guard.default_search_path = effective_search_path(
+                setting, current_user
+            )
+        guard.on_search_path_change = self._sync_search_path
+        guard.on_schema_change = self._schema_changed
+        self.guard = guard
+        self.core.hook = guard
+        self.core.epoch = state.epoch
+
+    def _sync_search_path(self) -> None:
+        """Ask the server for the search_path once the statement that changes it has run, and
+        again when the transaction block ends (a rollback restores the old one)."""
+        core, guard = self.core, self.guard
+        assert guard is not None
+
+        def confirmed(rows: list[tuple[str | None, ...]], error: str | None) -> None:
+            if error is None and rows:
+                guard.search_path_confirmed(rows[0][0] or "", in_transaction=core.status != b"I")
+                core.forget_verdicts()
+
+        sql = "select current_setting('search_path')"
+        core.internal_query(sql, confirmed)
+        core.internal_query(sql, confirmed, outside_transaction=True)
+
+    def _schema_changed(self) -> None:
+        """Reload the catalog once a DDL statement's transaction is over."""
+        database = self.info.database or ""
+
+        def done(_rows: list[tuple[str | None, ...]], _error: str | None) -> None:
+            self.gateway.schedule_catalog_refresh(database)
+
+        self.core.internal_query("select 1", done, outside_transaction=True)
 
     # ------------------------------------------------------------------ upstream
     async def _connect_upstream(self, startup: m.StartupMessage) -> None:
@@ -527,8 +596,17 @@ class Session:
 class Gateway:
     """Listener and shared state of one pgguard process."""
 
-    def __init__(self, settings: Settings, validator: TokenValidator | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        validator: TokenValidator | None = None,
+        policy: Policy | None = None,
+    ) -> None:
         self.settings = settings
+        self.guard = GuardState(policy_in_force(policy))
+        self._catalog_locks: dict[str, asyncio.Lock] = {}
+        self._catalog_refresh: dict[str, asyncio.Task[None]] = {}
+        self._policy_signature: tuple[tuple[str, float, int], ...] = ()
         self.validator = validator or TokenValidator(settings.identity)
         self.sessions: set[Session] = set()
         self.cancel_map: dict[tuple[int, int], CancelTarget] = {}
@@ -565,6 +643,92 @@ class Gateway:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+    # ------------------------------------------------------------------ policy and catalogs
+    def reload_policy(self) -> bool:
+        """Load the policy files again; an invalid policy leaves the current one in force."""
+        result = check_policy_files(self.settings.policies)
+        for problem in result.warnings:
+            log.warning("policy: %s", problem)
+        if not result.ok or result.policy is None:
+            for problem in result.errors:
+                log.error("policy: %s", problem)
+            log.error("policy reload failed: keeping the policy in force")
+            return False
+        self.guard.set_policy(policy_in_force(result.policy))
+        for session in list(self.sessions):
+            if session.guard is not None:
+                session.guard.apply_limits()
+        log.info("policy loaded from %d file(s)", len(result.files))
+        self._policy_signature = self._policy_files_signature()
+        return True
+
+    def _policy_files_signature(self) -> tuple[tuple[str, float, int], ...]:
+        import glob
+        import os
+
+        entries = []
+        for pattern in self.settings.policies:
+            for path in sorted(glob.glob(pattern)):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                entries.append((path, st.st_mtime, st.st_size))
+        return tuple(entries)
+
+    async def _watch_policy_files(self) -> None:
+        self._policy_signature = self._policy_files_signature()
+        while True:
+            await asyncio.sleep(2.0)
+            signature = self._policy_files_signature()
+            if signature != self._policy_signature:
+                self._policy_signature = signature
+                log.info("policy files changed: reloading")
+                self.reload_policy()
+
+    async def ensure_catalog(self, database: str) -> None:
+        """Load ``database``'s catalog once; sessions resolve names against it."""
+        if database in self.guard.catalogs:
+            return
+        lock = self._catalog_locks.setdefault(database, asyncio.Lock())
+        async with lock:
+            if database not in self.guard.catalogs:
+                await self._load_catalog(database)
+
+    async def _load_catalog(self, database: str) -> None:
+        up = self.settings.upstream
+        startup = m.StartupMessage(
+            (("user", up.user), ("database", database), ("application_name", "pgguard-catalog"))
+        )
+        extra = {"database": database}
+        try:
+            conn = await connect_upstream(self, startup, extra)
+            try:
+                rows = await simple_query(
+                    conn.side, CATALOG_SQL, self.settings.limits.max_message_bytes
+                )
+            finally:
+                conn.side.write(m.Terminate().encode())
+                conn.side.close()
+            self.guard.set_catalog(database, snapshot_from_rows(rows))
+        except (SessionEnded, UpstreamRefused, QueryFailed, m.ProtocolError) as exc:
+            # Unknown names are judged as the most dangerous thing they could be.
+            log.error("could not load the catalog of %s: %s", database, exc, extra=extra)
+
+    def schedule_catalog_refresh(self, database: str) -> None:
+        task = self._catalog_refresh.get(database)
+        if task is not None and not task.done():
+            return
+
+        async def refresh() -> None:
+            await asyncio.sleep(0.05)  # coalesce a burst of DDL
+            await self._load_catalog(database)
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._catalog_refresh[database] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ counters
     def auth_failed(self, reason: str) -> None:
@@ -699,6 +863,10 @@ class Gateway:
         self.port = sockets[0].getsockname()[1] if sockets else None
         if self.worker_group is not None:
             await self._start_cancel_listener()
+        if self.settings.policies:
+            task = loop.create_task(self._watch_policy_files())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if self.settings.limits.idle_timeout > 0:
             task = loop.create_task(self._idle_reaper())
             self._tasks.add(task)

@@ -1,0 +1,249 @@
+"""Guard rules applied to a session: identity guard, analysis, policy decision. Pure.
+
+``GuardState`` is shared by every session of a process: the policy in force, one catalog
+snapshot per database, and the analysis cache. ``SessionGuard`` judges one session's
+statements; the relay calls it for every Query and Parse it has not judged before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from pglast import parser
+
+from pgguard.identity import Identity
+from pgguard.policy.analysis import AnalysisError, analyse
+from pgguard.policy.catalog import CatalogSnapshot, effective_search_path
+from pgguard.policy.engine import Decision, Limits, decide_many, limits_for
+from pgguard.policy.facts import StatementFacts
+from pgguard.policy.identity_guard import Refusal, check_identity
+from pgguard.policy.model import Policy
+
+log = logging.getLogger("pgguard.guard")
+
+_CACHE_SIZE = 20_000
+_EMPTY_CATALOG = CatalogSnapshot((), ())
+# Settings pinned by limits: clients may not change them once pgguard has set them.
+TIMEOUT_SETTINGS = frozenset({"statement_timeout"})
+READ_ONLY_SETTINGS = frozenset({"default_transaction_read_only", "transaction_read_only"})
+# Commands whose analysis does not depend on literal values, so one analysis serves every
+# statement with the same fingerprint (pgbench -S and ORMs send a new literal each time).
+_SHAPE_CACHEABLE = frozenset({"SELECT", "INSERT"})
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """What the guard decided for one Query/Parse, for the relay and the audit trail."""
+
+    facts: tuple[StatementFacts, ...]
+    decision: Decision | None
+    refusal: Refusal | None
+
+
+class GuardState:
+    """Process-wide guard state. ``epoch`` changes whenever cached verdicts may be stale."""
+
+    def __init__(
+        self, policy: Policy | None, allowed_functions: frozenset[str] = frozenset()
+    ) -> None:
+        self.policy = policy
+        self.allowed_functions = allowed_functions
+        self.epoch = [0]  # a mutable cell the relay compares against its verdict cache
+        self.catalogs: dict[str, CatalogSnapshot] = {}
+        self.catalog_versions: dict[str, int] = {}
+        self._cache: dict[tuple[object, ...], tuple[StatementFacts, ...]] = {}
+
+    def _bump(self) -> None:
+        self.epoch[0] += 1
+        self._cache.clear()
+
+    def set_policy(self, policy: Policy | None) -> None:
+        self.policy = policy
+        self._bump()
+
+    def set_catalog(self, database: str, snapshot: CatalogSnapshot) -> None:
+        self.catalogs[database] = snapshot
+        self.catalog_versions[database] = self.catalog_versions.get(database, 0) + 1
+        self._bump()
+
+    def catalog(self, database: str) -> CatalogSnapshot:
+        return self.catalogs.get(database, _EMPTY_CATALOG)
+
+    def analyse(
+        self, database: str, search_path: tuple[str, ...], current_user: str, sql: str
+    ) -> tuple[StatementFacts, ...]:
+        """Facts for ``sql``, cached by text, and by fingerprint where literals don't matter."""
+        version = self.catalog_versions.get(database, 0)
+        context = (database, search_path, current_user, version)
+        key = (*context, sql)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        try:
+            fingerprint: str | None = parser.fingerprint(sql)
+        except parser.ParseError:
+            fingerprint = None
+        shape_key = (*context, "fp", fingerprint)
+        if fingerprint is not None:
+            template = cache.get(shape_key)
+            if template is not None:
+                shaped: tuple[StatementFacts, ...] = (replace(template[0], sql=sql),)
+                self._store(key, shaped)
+                return shaped
+        facts = tuple(
+            analyse(
+                sql,
+                self.catalog(database),
+                search_path,
+                self.allowed_functions,
+                current_user=current_user,
+            )
+        )
+        self._store(key, facts)
+        if fingerprint is not None and _shape_cacheable(facts):
+            self._store(shape_key, facts)
+        return facts
+
+    def _store(self, key: tuple[object, ...], facts: tuple[StatementFacts, ...]) -> None:
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = facts
+
+
+def policy_in_force(policy: Policy | None) -> Policy | None:
+    """None when the policy cannot refuse, limit or mask anything (then nothing is analysed)."""
+    if policy is None:
+        return None
+    if policy.rules or policy.masks or policy.limits or policy.defaults.action != "allow":
+        return policy
+    return None
+
+
+def _shape_cacheable(facts: tuple[StatementFacts, ...]) -> bool:
+    if len(facts) != 1:
+        return False
+    f = facts[0]
+    if f.command not in _SHAPE_CACHEABLE or f.sets_search_path is not None:
+        return False
+    return not any(name.endswith("set_config") for name in f.functions)
+
+
+class SessionGuard:
+    """Judges the statements of one session against the policy in force."""
+
+    def __init__(
+        self,
+        state: GuardState,
+        identity: Identity,
+        database: str,
+        *,
+        role_mapped: bool,
+        search_path: tuple[str, ...] = ("pg_catalog", "public"),
+        current_user: str = "",
+    ) -> None:
+        self.state = state
+        self.identity = identity
+        self.database = database
+        self.role_mapped = role_mapped
+        self.search_path = search_path
+        self.default_search_path = search_path
+        self.pending_paths: list[tuple[str, ...]] = []
+        self.current_user = current_user
+        self.limits: Limits | None = None
+        self.pinned: frozenset[str] = frozenset()
+        self.read_only = False
+        self.apply_limits()
+        # Set by the session: called when a judged statement may change the search_path or
+        # the catalog (after it runs, the session asks the server and refreshes).
+        self.on_search_path_change: Callable[[], None] | None = None
+        self.on_schema_change: Callable[[], None] | None = None
+        self.on_judgement: Callable[[str, Judgement], None] | None = None
+
+    def apply_limits(self) -> None:
+        policy = self.state.policy
+        if policy is None:
+            return
+        self.limits = limits_for(policy, self.identity, self.database)
+        pinned: set[str] = set()
+        if self.limits.statement_timeout is not None:
+            pinned |= TIMEOUT_SETTINGS
+        if self.limits.read_only:
+            pinned |= READ_ONLY_SETTINGS
+        self.pinned = frozenset(pinned)
+        self.read_only = self.limits.read_only
+
+    def __call__(self, sql: str) -> Refusal | None:
+        judgement = self.judge(sql)
+        if self.on_judgement is not None:
+            self.on_judgement(sql, judgement)
+        return judgement.refusal
+
+    def judge(self, sql: str) -> Judgement:
+        refusal = check_identity(sql, self.role_mapped, self.pinned, self.read_only)
+        if refusal is not None:
+            return Judgement((), None, refusal)
+        policy = self.state.policy
+        if policy is None:
+            return Judgement((), None, None)
+        try:
+            # Until the server confirms a search_path change, judge under every path the
+            # session may have (fail closed: the most severe decision wins).
+            candidates = [self.search_path, *self.pending_paths]
+            judged = [
+                self.state.analyse(self.database, path, self.current_user, sql)
+                for path in dict.fromkeys(candidates)
+            ]
+        except AnalysisError as exc:
+            return Judgement(
+                (), None, Refusal("parser", f"statement could not be analysed: {exc}", "42601")
+            )
+        decisions = [decide_many(policy, self.identity, self.database, f) for f in judged]
+        decision = max(decisions, key=lambda d: d.severity)
+        facts = judged[decisions.index(decision)]
+        if decision.audit_only_rules:
+            log.info(
+                "audit_only rules matched: %s",
+                ", ".join(decision.audit_only_rules),
+                extra={"user": self.identity.user},
+            )
+        refusal = _refusal(decision)
+        if refusal is None:
+            self._note_effects(facts)
+        return Judgement(facts, decision, refusal)
+
+    def search_path_confirmed(self, setting: str, in_transaction: bool = False) -> None:
+        """The server reports the session's search_path: judge with it from now on. Inside a
+        transaction block a rollback could still restore the previous path, so that one
+        stays a candidate until the block ends."""
+        previous = self.search_path
+        self.search_path = effective_search_path(setting, self.current_user)
+        self.pending_paths = [previous] if in_transaction and previous != self.search_path else []
+
+    def _note_effects(self, facts: Sequence[StatementFacts]) -> None:
+        for f in facts:
+            if f.sets_search_path is not None:
+                if f.sets_search_path:
+                    path = effective_search_path(f.sets_search_path, self.current_user)
+                    self.pending_paths.append(path)
+                else:
+                    self.pending_paths.append(self.default_search_path)
+                if self.on_search_path_change is not None:
+                    self.on_search_path_change()
+            if {"ddl", "role"} & f.classes and self.on_schema_change is not None:
+                self.on_schema_change()
+
+
+def _refusal(decision: Decision) -> Refusal | None:
+    if decision.action == "allow":
+        return None
+    if decision.action == "require_approval":
+        approvers = ", ".join(decision.approvers) or "an approver"
+        return Refusal(
+            decision.rule,
+            f"{decision.message} (needs approval by {approvers}; "
+            "this gateway does not hold statements for approval yet)",
+        )
+    return Refusal(decision.rule, decision.message)
