@@ -969,6 +969,7 @@ class _Walker:
 
     def children(self, kind: str, body: Node, skip: frozenset[str] = frozenset()) -> None:
         typed = _TYPED.get(kind)
+        dispatch = _DISPATCH
         for field_name, value in body.items():
             vtype = type(value)
             if vtype is dict:
@@ -982,19 +983,28 @@ class _Walker:
                 if len(value) == 1:
                     ((key, inner),) = value.items()
                     if type(inner) is dict and key[0].isupper():
-                        self.visit(key, inner)
+                        handler = dispatch.get(key)
+                        if handler is None:
+                            self.children(key, inner)
+                        elif handler is not _leaf:
+                            handler(self, inner)
                         continue
                 self.visit("RangeVar" if "relname" in value else "?", value)
             elif vtype is list and field_name not in skip:
                 self.items(value)
 
     def items(self, values: list[Any]) -> None:
+        dispatch = _DISPATCH
         for item in values:
             itype = type(item)
             if itype is dict:
                 for key, inner in item.items():
                     if type(inner) is dict:
-                        self.visit(key, inner)
+                        handler = dispatch.get(key)
+                        if handler is None:
+                            self.children(key, inner)
+                        elif handler is not _leaf:
+                            handler(self, inner)
             elif itype is list:
                 self.items(item)
 
@@ -1084,10 +1094,6 @@ def _h_join(w: _Walker, body: Node) -> None:
     w.node(body.get("rarg"))
     w.node(body.get("quals"))
     _alias_entry(w, body)
-
-
-def _h_column_ref(w: _Walker, body: Node) -> None:
-    w.column_ref(body)
 
 
 def _h_current_of(w: _Walker, body: Node) -> None:
@@ -1289,7 +1295,7 @@ _HANDLERS: dict[str, Handler] = {
     "RangeSubselect": _h_range_subselect,
     "RangeFunction": _h_range_function,
     "JoinExpr": _h_join,
-    "ColumnRef": _h_column_ref,
+    "ColumnRef": _Walker.column_ref,
     "CurrentOfExpr": _h_current_of,
     "FuncCall": _h_func_call,
     "A_Expr": _h_a_expr,
