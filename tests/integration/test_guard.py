@@ -266,9 +266,12 @@ def test_new_function_is_judged_after_ddl(guarded: Gateway, pg: PgServer) -> Non
         )
         dba.execute("select 1")  # the refresh runs once the DDL is committed
     time.sleep(0.5)
-    with psycopg.connect(guarded.dsn("agent", groups=["ai-agents"]), autocommit=True) as conn:
-        with pytest.raises(errors.InsufficientPrivilege, match="ai-read-only"):
-            conn.execute("select fresh_fn()")
+    agent = guarded.dsn("agent", groups=["ai-agents"])
+    with (
+        psycopg.connect(agent, autocommit=True) as conn,
+        pytest.raises(errors.InsufficientPrivilege, match="ai-read-only"),
+    ):
+        conn.execute("select fresh_fn()")
 
 
 def test_policy_reload_on_sighup_and_invalid_policy_kept_out(pg: PgServer, tmp_path: Path) -> None:
