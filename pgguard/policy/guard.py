@@ -30,7 +30,7 @@ TIMEOUT_SETTINGS = frozenset({"statement_timeout"})
 READ_ONLY_SETTINGS = frozenset({"default_transaction_read_only", "transaction_read_only"})
 # Commands whose analysis does not depend on literal values, so one analysis serves every
 # statement with the same fingerprint (pgbench -S and ORMs send a new literal each time).
-_SHAPE_CACHEABLE = frozenset({"SELECT", "INSERT"})
+_SHAPE_CACHEABLE = frozenset({"SELECT"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +123,14 @@ def policy_in_force(policy: Policy | None) -> Policy | None:
 
 
 def _shape_cacheable(facts: tuple[StatementFacts, ...]) -> bool:
+    """Only plain reads: their facts cannot depend on a literal (a constant WHERE in a
+    data-modifying CTE, a set_config name, a COPY file name all can)."""
     if len(facts) != 1:
         return False
     f = facts[0]
-    if f.command not in _SHAPE_CACHEABLE or f.sets_search_path is not None:
+    if f.command not in _SHAPE_CACHEABLE or not f.classes <= {"read"}:
+        return False
+    if f.sets_search_path is not None or f.without_where:
         return False
     return not any(name.endswith("set_config") for name in f.functions)
 

@@ -16,12 +16,51 @@ from typing import Any
 from pglast import parser
 
 RULE = "identity-guard"
+SAFETY_RULE = "sql-safety"
+# Settings that change how the server reads SQL text: with them pgguard's parser and the
+# server could see different statements (a string literal that ends early, a multibyte
+# character that swallows a quote), so they are fixed.
+UNSAFE_ENCODINGS = frozenset(
+    {
+        "sjis",
+        "shift_jis",
+        "big5",
+        "gbk",
+        "gb18030",
+        "uhc",
+        "johab",
+        "cp932",
+        "windows932",
+        "cp936",
+        "windows936",
+        "cp949",
+        "windows949",
+        "cp950",
+        "windows950",
+        "mskanji",
+        "shiftjis",
+        "tcvn",
+        "tcvn5712",
+        "vscii",
+    }
+)
 LIMITS_RULE = "limits"
 PROMPT_ID = "pgguard.prompt_id"
 _PROTECTED = frozenset({"role", "session_authorization", "is_superuser"})
 # Cheap pre-filter: a statement containing none of these cannot touch identity settings.
 # ``u&`` catches Unicode-escaped identifiers such as U&"\0072ole".
-_TRIGGERS = ("role", "session", "authoriz", "pgguard", "set_config", "discard", "u&")
+_TRIGGERS = (
+    "role",
+    "session",
+    "authoriz",
+    "pgguard",
+    "set_config",
+    "discard",
+    "u&",
+    "standard_conforming",
+    "encoding",
+    "names",
+)
 # Extra triggers when limits pin settings: the names themselves and READ WRITE.
 _LIMIT_TRIGGERS = ("timeout", "read", "set", "begin", "start")
 
@@ -36,6 +75,22 @@ class Refusal:
 
     def text(self) -> str:
         return f"pgguard: {self.rule}: {self.message}"
+
+
+def unsafe_setting(name: str, value: str | None) -> str | None:
+    """Why setting ``name`` to ``value`` would let the server read SQL differently, or None.
+    ``value`` None means "not a constant" (refused for these names)."""
+    lowered = name.lower()
+    if lowered == "standard_conforming_strings":
+        if value is None or value.strip().lower() not in ("on", "true", "yes", "1", "t", "y"):
+            return "standard_conforming_strings must stay on"
+    elif lowered == "client_encoding":
+        if value is None:
+            return "client_encoding must be a constant"
+        normalized = value.strip().lower().replace("-", "").replace("_", "")
+        if normalized in {e.replace("_", "") for e in UNSAFE_ENCODINGS}:
+            return f"client encoding {value} is not supported through pgguard"
+    return None
 
 
 def protected_setting(name: str) -> bool:
@@ -112,6 +167,16 @@ def check_identity(
             name = str(node.get("name", ""))
             if name and protected_setting(name):
                 return Refusal(RULE, f'changing "{name}" is not allowed through pgguard')
+            if node.get("kind") == "VAR_SET_VALUE":
+                args = node.get("args") or []
+                value = _const_string(args[0]) if args else None
+                if value is None and args:
+                    const = args[0].get("A_Const", {})
+                    if "ival" in const:
+                        value = str(const["ival"].get("ival", 0))
+                reason = unsafe_setting(name, value)
+                if reason is not None:
+                    return Refusal(SAFETY_RULE, reason)
             if name.lower() in pinned and node.get("kind") == "VAR_SET_VALUE":
                 return Refusal(LIMITS_RULE, f'"{name}" is fixed for your identity')
             if read_only and _read_write(node.get("args") or []):
@@ -133,6 +198,10 @@ def check_identity(
                     return Refusal(RULE, "set_config() with a non-constant name is not allowed")
                 if protected_setting(setting):
                     return Refusal(RULE, f'changing "{setting}" is not allowed through pgguard')
+                value = _const_string(args[1]) if len(args) > 1 else None
+                reason = unsafe_setting(setting, value)
+                if reason is not None:
+                    return Refusal(SAFETY_RULE, reason)
                 if setting.lower() in pinned:
                     return Refusal(LIMITS_RULE, f'"{setting}" is fixed for your identity')
     return None

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from pgguard.policy.identity_guard import Refusal
+from pgguard.policy.identity_guard import Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
     DataRow,
     ErrorResponse,
+    ParameterStatus,
     Parse,
     ProtocolError,
     Query,
@@ -33,8 +34,9 @@ _Z = 90
 
 # Intercepted types. Client: Query, Parse, Sync, FunctionCall, Terminate.
 CLIENT_INTERCEPT = b"QPSFX"
-# Server: ReadyForQuery, ErrorResponse (to put refusals in their place).
-SERVER_INTERCEPT = b"ZE"
+# Server: ReadyForQuery, ErrorResponse (to put refusals in their place), ParameterStatus
+# (a setting that changes how the server reads SQL ends the session).
+SERVER_INTERCEPT = b"ZES"
 _E = 69
 
 # A statement hook sees the SQL of every Query and Parse and may refuse it.
@@ -275,6 +277,16 @@ class RelayCore:
                     self.closing = True
                     head = buf[prev : pos + 6]
                     return b"".join((*(out or ()), head, self.ending.encode()))
+            elif t == _S:
+                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+                status = ParameterStatus.decode_body(buf[pos + 5 : end])
+                reason = unsafe_setting(status.name, status.value)
+                if reason is not None:
+                    # Something changed it behind the guard's back: pgguard can no longer
+                    # parse this session's SQL as the server does. Fail closed.
+                    self.closing = True
+                    fatal = Fatal("0A000", f"pgguard: sql-safety: {reason}; session ended")
+                    return b"".join((*(out or ()), buf[prev:pos], fatal.encode()))
             elif t == _E and self._refusals:
                 end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
                 raw = buf[pos:end]

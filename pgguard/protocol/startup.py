@@ -85,8 +85,14 @@ class UpstreamStartup:
     prompt_id: str | None  # from the client's options, if it set pgguard.prompt_id there
 
 
-def check_setting(name: str) -> None:
-    """Refuse a client-chosen setting that belongs to pgguard."""
+def check_setting(name: str, value: str | None = None) -> None:
+    """Refuse a client-chosen setting that belongs to pgguard or would let the server read
+    SQL differently from pgguard's parser."""
+    from pgguard.policy.identity_guard import unsafe_setting
+
+    reason = unsafe_setting(name, value if value is not None else "on")
+    if value is not None and reason is not None:
+        raise StartupRefused(f"pgguard: sql-safety: {reason}")
     lowered = name.lower()
     if lowered in FORBIDDEN_SETTINGS:
         raise StartupRefused(f'pgguard: identity-guard: setting "{name}" is not allowed')
@@ -119,7 +125,7 @@ def build_upstream_startup(
             continue
         if key == "options":
             for name, setting in parse_options(value):
-                check_setting(name)
+                check_setting(name, setting)
                 if name == PROMPT_ID_SETTING:
                     prompt_id = setting
                     continue
@@ -127,7 +133,7 @@ def build_upstream_startup(
             continue
         if key.startswith("_pq_."):
             continue  # protocol extensions: pgguard speaks plain 3.0 upstream
-        check_setting(key)
+        check_setting(key, value)
         if key.lower() == PROMPT_ID_SETTING:
             prompt_id = value
             continue

@@ -121,3 +121,29 @@ def test_role_map_cannot_be_discarded(make_gateway: MakeGateway) -> None:
         conn.execute("reset all")
         conn.execute("discard plans")
         assert identity_of(conn) == ("analyst", "bob", "analysts")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "set standard_conforming_strings = off",
+        "select set_config('standard_conforming_strings', 'off', false)",
+        "set client_encoding = 'SJIS'",
+        "set names 'BIG5'",
+    ],
+)
+def test_settings_that_change_how_sql_is_read_are_refused(gateway: Gateway, sql: str) -> None:
+    with psycopg.connect(gateway.dsn("alice"), autocommit=True) as conn:
+        with pytest.raises(errors.InsufficientPrivilege, match="sql-safety"):
+            conn.execute(sql)
+        row = conn.execute("show standard_conforming_strings").fetchone()
+        assert row == ("on",)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"options": "-c standard_conforming_strings=off"}, {"client_encoding": "SJIS"}],
+)
+def test_startup_cannot_weaken_sql_parsing(gateway: Gateway, params: dict[str, str]) -> None:
+    with pytest.raises(psycopg.OperationalError, match="sql-safety"):
+        psycopg.connect(gateway.dsn("alice", **params))
