@@ -124,6 +124,120 @@ def token_mint(
     )
 
 
+@main.group()
+def policy() -> None:
+    """Check and explain guard rules."""
+
+
+@policy.command("check")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.argument("files", nargs=-1)
+def policy_check(config: Path | None, as_json: bool, files: tuple[str, ...]) -> None:
+    """Validate the policy files (default: the configuration's `policies`).
+
+    Lists every error with its file and rule, warns about rules that can never match, and
+    exits non-zero on any error."""
+    from pgguard.policy.loader import check_policy_files
+
+    patterns = list(files) if files else _load(config).policies
+    result = check_policy_files(patterns)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(result.report())
+    sys.exit(0 if result.ok else 1)
+
+
+@policy.command("explain")
+@config_option
+@click.option("--as", "user", required=True, help="The user (token subject) to judge as.")
+@click.option("--groups", default="", help="Comma-separated groups of that user.")
+@click.option("--agent", default=None, help="The agent claim, e.g. cursor.")
+@click.option("--database", default="postgres", help="The database the statement runs in.")
+@click.option(
+    "--dsn",
+    default=None,
+    envvar="PGGUARD_EXPLAIN_DSN",
+    help="Resolve names against this live database (libpq DSN); else no catalog.",
+)
+@click.argument("sql")
+def policy_explain(
+    config: Path | None,
+    user: str,
+    groups: str,
+    agent: str | None,
+    database: str,
+    dsn: str | None,
+    sql: str,
+) -> None:
+    """Show the decision for SQL: matched rules, classes, objects and masked columns."""
+    from pgguard.policy.analysis import AnalysisError, analyse
+    from pgguard.policy.catalog import (
+        CATALOG_SQL,
+        CatalogSnapshot,
+        effective_search_path,
+        snapshot_from_rows,
+    )
+    from pgguard.policy.engine import (
+        Principal,
+        decide_many,
+        explain_text,
+        limits_for,
+        mask_for_column,
+        masks_for,
+    )
+    from pgguard.policy.identity_guard import check_identity
+    from pgguard.policy.loader import check_policy_files
+
+    settings = _load(config)
+    result = check_policy_files(settings.policies)
+    if not result.ok or result.policy is None:
+        click.echo(result.report(), err=True)
+        sys.exit(2)
+    policy = result.policy
+    catalog = CatalogSnapshot()
+    search_path: tuple[str, ...] = ("pg_catalog", "public")
+    current_user = ""
+    if dsn:
+        import psycopg
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            catalog = snapshot_from_rows(conn.execute(CATALOG_SQL).fetchall())
+            row = conn.execute("select current_setting('search_path'), current_user").fetchone()
+            assert row is not None
+            current_user = row[1]
+            search_path = effective_search_path(row[0], current_user)
+            database = conn.info.dbname
+    principal = Principal(user, tuple(g.strip() for g in groups.split(",") if g.strip()), agent)
+    refusal = check_identity(sql, role_mapped=bool(settings.identity.role_map))
+    if refusal is not None:
+        click.echo("decision: deny")
+        click.echo(f"rule: {refusal.rule}")
+        click.echo(f"message: {refusal.text()}")
+        return
+    try:
+        facts = analyse(sql, catalog, search_path, current_user=current_user)
+    except AnalysisError as exc:
+        click.echo("decision: deny")
+        click.echo("rule: parser")
+        click.echo(f"message: pgguard: parser: statement could not be analysed: {exc}")
+        return
+    decision = decide_many(policy, principal, database, facts)
+    masks = masks_for(policy, principal)
+    masked: list[tuple[str, str]] = []
+    for f in facts:
+        for column in f.columns:
+            parts = column.split(".")
+            if len(parts) == 3:
+                mask = mask_for_column(masks, *parts)
+                if mask is not None:
+                    masked.append((column, str(mask.function)))
+    click.echo(
+        explain_text(decision, facts, masked, limits=limits_for(policy, principal, database))
+    )
+
+
 @main.command()
 @click.option("--port", type=int, default=6432, help="Gateway port (0: any free port).")
 @click.option("--keep-running/--exit-after-start", default=True, hidden=True)
