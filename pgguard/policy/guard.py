@@ -159,6 +159,7 @@ class SessionGuard:
         self.limits: Limits | None = None
         self.pinned: frozenset[str] = frozenset()
         self.read_only = False
+        self.on_limits: Callable[[SessionGuard], None] | None = None  # set by the session
         self.apply_limits()
         # Set by the session: called when a judged statement may change the search_path or
         # the catalog (after it runs, the session asks the server and refreshes).
@@ -178,6 +179,8 @@ class SessionGuard:
             pinned |= READ_ONLY_SETTINGS
         self.pinned = frozenset(pinned)
         self.read_only = self.limits.read_only
+        if self.on_limits is not None:
+            self.on_limits(self)
 
     def __call__(self, sql: str) -> Refusal | None:
         judgement = self.judge(sql)

@@ -19,8 +19,10 @@ from typing import cast
 from pgguard.policy.identity_guard import Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
+    CommandComplete,
     DataRow,
     ErrorResponse,
+    NoticeResponse,
     ParameterStatus,
     Parse,
     ProtocolError,
@@ -42,7 +44,8 @@ _E = 69
 # A statement hook sees the SQL of every Query and Parse and may refuse it.
 StatementHook = Callable[[str], Refusal | None]
 
-_T, _D = 84, 68
+_T, _D, _C = 84, 68, 67
+_ROW_LIMIT_TYPES = frozenset((_D, _C, _E, _Z))
 # ReadyForQuery status byte → the bytes object, without slicing a new one per message.
 _STATUS = [bytes((i,)) for i in range(256)]
 _ASYNC = frozenset(b"ANS")  # NotificationResponse, NoticeResponse, ParameterStatus
@@ -83,15 +86,21 @@ class RelayCore:
         "_internal_queue",
         "_internal_rows",
         "_marker",
+        "_over",
         "_refusals",
+        "_rows",
         "_seq",
         "_server",
+        "_server_table",
         "_verdicts",
+        "cancel_requested",
         "closing",
         "ending",
         "epoch",
         "hook",
+        "max_rows",
         "pending",
+        "row_limit_mode",
         "server_out",
         "status",
         "terminated",
@@ -121,6 +130,13 @@ class RelayCore:
         self._internal_rows: list[tuple[str | None, ...]] = []
         self._internal_error: str | None = None
         self.server_out: list[bytes] = []  # bytes for the server produced by server input
+        # Row limit (identity ceiling): rows counted per result, the rest dropped.
+        self.max_rows: int | None = None
+        self.row_limit_mode = "error"
+        self._rows = 0
+        self._over = False
+        self.cancel_requested = False  # the I/O layer sends a CancelRequest and clears it
+        self._server_table = SERVER_INTERCEPT
 
     def idle(self) -> bool:
         """No request outstanding and nothing half-received in either direction."""
@@ -264,6 +280,18 @@ class RelayCore:
                 out.append(buf[prev:pos])
                 prev = end
                 continue
+            if self.max_rows is not None and t in _ROW_LIMIT_TYPES:
+                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+                replacement = self._limit_rows(t, buf[pos:end])
+                if replacement is not None:
+                    if out is None:
+                        out = []
+                    out.append(buf[prev:pos])
+                    out.append(replacement)
+                    prev = end
+                    continue
+                if t in (_D, _C):
+                    continue
             if t == _Z:
                 self.status = _STATUS[buf[pos + 5]]
                 if self.pending:
@@ -301,6 +329,47 @@ class RelayCore:
             return buf if cut == len(buf) else buf[:cut]
         out.append(buf[prev:cut])
         return b"".join(out)
+
+    # ------------------------------------------------------------------ row limits
+    def set_row_limit(self, max_rows: int | None, mode: str = "error") -> None:
+        """Cap the rows each statement returns (``mode`` "truncate": the first ``max_rows``
+        rows and a NOTICE; "error": an error once the cap is passed, the query cancelled)."""
+        self.max_rows = max_rows
+        self.row_limit_mode = mode
+        self._server_table = SERVER_INTERCEPT + (b"DC" if max_rows is not None else b"")
+        if self._internal_active is None:
+            self._server.set_intercept(self._server_table)
+
+    def _limit_rows(self, t: int, raw: bytes) -> bytes | None:
+        """Count a result's rows; the replacement for ``raw`` (b"" drops it), or None."""
+        assert self.max_rows is not None
+        if t == _D:
+            self._rows += 1
+            if self._rows <= self.max_rows:
+                return None
+            if not self._over:
+                self._over = True
+                if self.row_limit_mode == "error":
+                    self.cancel_requested = True  # stop the server producing rows we drop
+            return b""
+        over, self._over, self._rows = self._over, False, 0
+        if not over or (t == _Z):
+            return None
+        text = f"pgguard: limits: the result has more than {self.max_rows} rows"
+        if self.row_limit_mode == "error":
+            if t in (_C, _E):
+                return ErrorResponse(error_fields("ERROR", "54000", text)).encode()
+            return None
+        if t == _C:
+            tag = CommandComplete.decode_body(raw[5:]).tag
+            verb = tag.split(" ", 1)[0]
+            if verb in ("SELECT", "FETCH", "MOVE"):
+                tag = f"{verb} {self.max_rows}"
+            notice = NoticeResponse(
+                error_fields("NOTICE", "01000", f"{text}; only the first {self.max_rows} sent")
+            ).encode()
+            return notice + CommandComplete(tag).encode()
+        return None
 
     # ------------------------------------------------------------------ pgguard's own queries
     def forget_verdicts(self) -> None:
@@ -347,7 +416,7 @@ class RelayCore:
         elif t == _Z:
             callback = self._internal_active
             self._internal_active = None
-            self._server.set_intercept(SERVER_INTERCEPT)
+            self._server.set_intercept(self._server_table)
             assert callback is not None
             callback(self._internal_rows, self._internal_error)
             if self._internal_ready():

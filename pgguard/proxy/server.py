@@ -429,11 +429,20 @@ class Session:
             guard.search_path = guard.default_search_path = effective_search_path(
                 setting, current_user
             )
+        guard.on_limits = self._apply_row_limit
+        self._apply_row_limit(guard)
         guard.on_search_path_change = self._sync_search_path
         guard.on_schema_change = self._schema_changed
         self.guard = guard
         self.core.hook = guard
         self.core.epoch = state.epoch
+
+    def _apply_row_limit(self, guard: SessionGuard) -> None:
+        limits = guard.limits
+        if limits is not None and limits.max_rows is not None:
+            self.core.set_row_limit(limits.max_rows, limits.on_max_rows)
+        else:
+            self.core.set_row_limit(None)
 
     def _sync_search_path(self) -> None:
         """Ask the server for the search_path once the statement that changes it has run, and
@@ -518,6 +527,9 @@ class Session:
             if core.server_out:
                 upstream_transport.write(b"".join(core.server_out))
                 core.server_out.clear()
+            if core.cancel_requested:
+                core.cancel_requested = False
+                self._cancel_upstream()
             if core.closing:
                 self.finish()
 
@@ -571,6 +583,16 @@ class Session:
                 "database": self.info.database,
             },
         )
+
+    def _cancel_upstream(self) -> None:
+        """Cancel the running statement (the row limit was passed)."""
+        if self.key is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.gateway.forward_cancel(*self.key, route=False)
+        )
+        self.gateway._tasks.add(task)
+        task.add_done_callback(self.gateway._tasks.discard)
 
     def end(self, reason: Fatal) -> None:
         """End the session at its next idle point (now, if idle)."""

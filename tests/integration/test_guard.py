@@ -309,3 +309,54 @@ def test_invalid_policy_stops_startup(pg: PgServer, tmp_path: Path) -> None:
     with pytest.raises(Exception):  # noqa: B017 - the harness raises its own start error
         gw.start(timeout=10)
     assert "policy" in gw.read_log()
+
+
+ROW_LIMITS = """
+version: 1
+rules: []
+limits:
+  - when: {groups: [trunc]}
+    max_rows: 5
+    on_max_rows: truncate
+  - when: {groups: [strict]}
+    max_rows: 5
+    on_max_rows: error
+"""
+
+
+@pytest.fixture(scope="module")
+def row_limited(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    workdir = tmp_path_factory.mktemp("rowlimits")
+    policy = workdir / "limits.yaml"
+    policy.write_text(ROW_LIMITS)
+    gw = Gateway(pg, workdir / "gw", overrides={"policies": [str(policy)]})
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_max_rows_truncates_with_a_notice(row_limited: Gateway, protocol: str) -> None:
+    notices: list[str] = []
+    with psycopg.connect(row_limited.dsn("t", groups=["trunc"]), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        sql = "select g from generate_series(1, 1000) g"
+        cur = conn.execute(sql.encode() if protocol == "simple" else sql)
+        assert [r[0] for r in cur.fetchall()] == [1, 2, 3, 4, 5]
+        assert any("limits" in n for n in notices)
+        # Unlimited identities and small results are untouched.
+        assert conn.execute("select count(*) from generate_series(1, 1000)").fetchone() == (1000,)
+
+
+def test_max_rows_error_mode_stops_the_query(row_limited: Gateway) -> None:
+    with psycopg.connect(row_limited.dsn("s", groups=["strict"])) as conn:
+        started = time.monotonic()
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("select g from generate_series(1, 50000000) g").fetchall()
+        assert info.value.sqlstate == "54000"
+        assert "pgguard: limits:" in str(info.value)
+        assert time.monotonic() - started < 20  # cancelled, not run to the end
+        conn.rollback()
+        assert conn.execute("select 1").fetchone() == (1,)
+    with psycopg.connect(row_limited.dsn("free", groups=["other"])) as conn:
+        assert len(conn.execute("select g from generate_series(1, 100) g").fetchall()) == 100

@@ -165,3 +165,57 @@ def test_internal_query_waits_out_a_failed_transaction() -> None:
     core.from_client(m.Query("rollback").encode())
     core.from_server(m.CommandComplete("ROLLBACK").encode() + m.ReadyForQuery(b"I").encode())
     assert core.server_out == [m.Query("show search_path").encode()]
+
+
+def _select_reply(rows: int, tag_rows: int | None = None) -> bytes:
+    return (
+        m.RowDescription((m.FieldDescription("x"),)).encode()
+        + b"".join(m.DataRow((str(i).encode(),)).encode() for i in range(rows))
+        + m.CommandComplete(f"SELECT {rows if tag_rows is None else tag_rows}").encode()
+        + m.ReadyForQuery(b"I").encode()
+    )
+
+
+def test_row_limit_truncates_with_a_notice() -> None:
+    core = RelayCore(LIMIT)
+    core.set_row_limit(3, "truncate")
+    core.from_client(m.Query("select x from t").encode())
+    reply = _select_reply(10)
+    got = b"".join(core.from_server(reply[i : i + 11]) for i in range(0, len(reply), 11))
+    msgs = decode_all(got)
+    rows = [msg for msg in msgs if isinstance(msg, m.DataRow)]
+    assert [r.values for r in rows] == [(b"0",), (b"1",), (b"2",)]
+    notice = next(msg for msg in msgs if isinstance(msg, m.NoticeResponse))
+    assert "limits" in notice.message
+    assert m.CommandComplete("SELECT 3") in msgs
+    assert not core.cancel_requested
+    # The next statement starts a fresh count.
+    core.from_client(m.Query("select x from t").encode())
+    assert decode_all(core.from_server(_select_reply(2))) == decode_all(_select_reply(2))
+
+
+def test_row_limit_error_mode_cancels_and_reports() -> None:
+    core = RelayCore(LIMIT)
+    core.set_row_limit(2, "error")
+    core.from_client(m.Query("select x from t").encode())
+    head = m.RowDescription((m.FieldDescription("x"),)).encode() + b"".join(
+        m.DataRow((b"v",)).encode() for _ in range(5)
+    )
+    got = core.from_server(head)
+    assert core.cancel_requested
+    cancelled = (
+        m.ErrorResponse(m.error_fields("ERROR", "57014", "canceling statement")).encode()
+        + m.ReadyForQuery(b"I").encode()
+    )
+    msgs = decode_all(got + core.from_server(cancelled))
+    assert sum(isinstance(msg, m.DataRow) for msg in msgs) == 2
+    err = next(msg for msg in msgs if isinstance(msg, m.ErrorResponse))
+    assert err.sqlstate == "54000" and "limits" in err.message
+    assert isinstance(msgs[-1], m.ReadyForQuery)
+
+
+def test_no_row_limit_leaves_rows_alone() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(m.Query("select x from t").encode())
+    reply = _select_reply(50)
+    assert core.from_server(reply) == reply
