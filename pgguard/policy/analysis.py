@@ -652,6 +652,9 @@ class _Walker:
         self.columns: dict[str, None] = {}
         self.functions: dict[str, None] = {}
         self.notes: dict[str, None] = {}
+        # command tags of the statements run inside this one (StatementFacts.commands)
+        self.commands: list[str] = []
+        self.settings: dict[str, None] = {}  # run-time settings it changes
         self.executing = True  # False inside definitions that do not run now
         self.scope = _Scope(None)
         self.colrefs = 0
@@ -672,6 +675,17 @@ class _Walker:
 
     def note(self, text: str) -> None:
         self.notes[text] = None
+
+    def ran(self, command: str) -> None:
+        """Record a statement run inside this one (not inside definitions)."""
+        if self.executing:
+            self.commands.append(command)
+
+    def changes(self, *settings: str) -> None:
+        """Record run-time settings this statement changes."""
+        if self.executing:
+            for name in settings:
+                self.settings[name.lower()] = None
 
     def _candidates(self, name: str) -> tuple[str, ...]:
         """Where an unqualified name missing from the catalog could live."""
@@ -927,6 +941,7 @@ class _Walker:
             self.note("set_config() with a non-constant setting name")
             return
         lowered = setting.lower()
+        self.changes(lowered)
         if protected_setting(lowered):
             self.cls("function", "role")
             self.note(f'set_config() changes "{lowered}"')
@@ -1199,6 +1214,7 @@ def _set_targets(w: _Walker, entry: _Entry, targets: list[Any]) -> None:
 
 
 def _h_insert(w: _Walker, body: Node) -> None:
+    w.ran("INSERT")
     outer = w.scope
     w.push()
     try:
@@ -1224,6 +1240,7 @@ def _h_insert(w: _Walker, body: Node) -> None:
 
 
 def _h_update(w: _Walker, body: Node) -> None:
+    w.ran("UPDATE")
     outer = w.scope
     w.push()
     try:
@@ -1242,6 +1259,7 @@ def _h_update(w: _Walker, body: Node) -> None:
 
 
 def _h_delete(w: _Walker, body: Node) -> None:
+    w.ran("DELETE")
     outer = w.scope
     w.push()
     try:
@@ -1259,6 +1277,7 @@ def _h_delete(w: _Walker, body: Node) -> None:
 
 
 def _h_merge(w: _Walker, body: Node) -> None:
+    w.ran("MERGE")
     outer = w.scope
     w.push()
     try:
@@ -1375,7 +1394,7 @@ def _s_explain(w: _Walker, body: Node) -> str:
         return "EXPLAIN"
     if analyze:
         w.note("EXPLAIN ANALYZE executes the statement")
-        _statement(w, *inner)
+        _nested(w, *inner)
     else:
         saved = w.executing
         w.executing = False
@@ -1407,7 +1426,7 @@ def _s_copy(w: _Walker, body: Node) -> str:
     query = body.get("query")
     if query:
         w.cls("read")
-        w.node(query)
+        _query(w, query)
     if body.get("is_program"):
         w.cls("admin", "function")
         w.note("COPY … PROGRAM runs a program on the database server")
@@ -1502,12 +1521,16 @@ def _s_transaction(w: _Walker, body: Node) -> str:
     return _TRANSACTION_TAGS.get(kind, "BEGIN")
 
 
-def _merge(w: _Walker, facts: StatementFacts) -> None:
-    """Take over the facts of a statement this one runs (or prepares)."""
+def _merge(w: _Walker, facts: StatementFacts, *, runs: bool) -> None:
+    """Take over the facts of a statement this one runs (``runs``) or prepares. A prepared
+    statement is judged as if it ran now, but changes no setting until it is executed."""
     if w.executing:
         w.classes.update(facts.classes)
         w.written.update(dict.fromkeys(facts.written_tables))
         w.without_where = w.without_where or facts.without_where
+        w.commands.extend(facts.all_commands)
+        if runs:
+            w.changes(*facts.settings)
     w.tables.update(dict.fromkeys(facts.tables))
     w.columns.update(dict.fromkeys(facts.columns))
     w.functions.update(dict.fromkeys(facts.functions))
@@ -1524,7 +1547,7 @@ def _s_prepare(w: _Walker, body: Node) -> str:
         sub.executing = w.executing
         command = _statement(sub, *inner)
         facts = _facts(sub, w.sql, command)
-        _merge(w, facts)
+        _merge(w, facts, runs=False)
         w.prepared_name = str(body.get("name", ""))
         w.prepared_facts = facts
     return "PREPARE"
@@ -1539,13 +1562,13 @@ def _s_execute(w: _Walker, body: Node) -> str:
             w.classes.update(_EXECUTE_UNKNOWN)
         w.note(f'EXECUTE of unknown prepared statement "{name}": assumed read, write, function')
         return "EXECUTE"
-    _merge(w, known)
+    _merge(w, known, runs=True)
     return known.command
 
 
 def _s_declare(w: _Walker, body: Node) -> str:
     w.cls("read")
-    w.node(body.get("query"))
+    _query(w, body.get("query"))
     return "DECLARE CURSOR"
 
 
@@ -1651,9 +1674,9 @@ def _s_create_table_as(w: _Walker, body: Node) -> str:
             w.written[qualified] = None
         inner = _wrapped(body.get("query"))
         if inner is not None and inner[0] == "ExecuteStmt":
-            _statement(w, *inner)  # CREATE TABLE … AS EXECUTE name
+            _nested(w, *inner)  # CREATE TABLE … AS EXECUTE name
         else:
-            w.node(body.get("query"))
+            _query(w, body.get("query"))
     return command
 
 
@@ -1830,7 +1853,7 @@ def _s_create_schema(w: _Walker, body: Node) -> str:
         for item in body.get("schemaElts", ()):
             wrapped = _wrapped(item)
             if wrapped is not None:
-                _statement(w, *wrapped)
+                _nested(w, *wrapped)
     finally:
         w.path = saved
     return "CREATE SCHEMA"
@@ -2091,6 +2114,36 @@ def _statement(w: _Walker, kind: str, body: Node) -> str:
     return handler(w, body)
 
 
+def _nested(w: _Walker, kind: str, body: Node) -> str:
+    """Analyse a statement run inside this one (EXPLAIN ANALYZE, CREATE SCHEMA elements, AS
+    EXECUTE); its tag goes before the tags of the statements it runs itself."""
+    mark = len(w.commands)
+    command = _statement(w, kind, body)
+    if w.executing:
+        w.commands.insert(mark, command)
+    return command
+
+
+# Tags of the queries COPY (query), DECLARE CURSOR and CREATE TABLE AS may run.
+_QUERY_COMMANDS = {
+    "SelectStmt": "SELECT",
+    "InsertStmt": "INSERT",
+    "UpdateStmt": "UPDATE",
+    "DeleteStmt": "DELETE",
+    "MergeStmt": "MERGE",
+}
+
+
+def _query(w: _Walker, query: Any) -> None:
+    """Walk the query of COPY (query) / DECLARE CURSOR / CREATE TABLE AS, recording its tag."""
+    inner = _wrapped(query)
+    if inner is not None:
+        command = _QUERY_COMMANDS.get(inner[0])
+        if command is not None:
+            w.ran(command)
+    w.node(query)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -2104,6 +2157,8 @@ def _facts(w: _Walker, sql: str, command: str) -> StatementFacts:
         columns=tuple(w.columns),
         functions=tuple(w.functions),
         without_where=w.without_where,
+        commands=tuple(dict.fromkeys((command, *w.commands))),
+        settings=tuple(w.settings),
         sets_search_path=w.sets_search_path,
         search_path_is_local=w.search_path_is_local,
         notes=tuple(w.notes),

@@ -98,11 +98,29 @@ class StatementFacts:
     columns: tuple[str, ...] = ()  # schema.table.column referenced, where resolvable
     functions: tuple[str, ...] = ()  # schema.name of functions it calls
     without_where: bool = False  # an UPDATE/DELETE with no WHERE clause (or WHERE true)
+    # Every command tag the statement runs: ``command`` first, then each statement it runs
+    # inside it, once each in the order found: INSERT / UPDATE / DELETE / MERGE in CTEs at any
+    # depth, the statement under EXPLAIN ANALYZE, the inner statement of PREPARE and of an
+    # EXECUTE with known facts, the query of CREATE TABLE AS / CREATE MATERIALIZED VIEW /
+    # COPY (query) / DECLARE CURSOR, the elements of CREATE SCHEMA. Statements that do not run
+    # now (plain EXPLAIN, view / rule / function bodies, WITH NO DATA) are not listed. Empty
+    # only for facts built by hand: read it through :attr:`all_commands`.
+    commands: tuple[str, ...] = ()
+    # Lower-cased names of the run-time settings the statement changes: SET / RESET name,
+    # set_config() with a constant name, SET TRANSACTION and BEGIN / START TRANSACTION options
+    # (transaction_isolation, transaction_read_only, transaction_deferrable), SET SESSION
+    # CHARACTERISTICS (default_transaction_*), and "all" for RESET ALL / DISCARD ALL.
+    settings: tuple[str, ...] = ()
     # search_path effect of a SET/RESET search_path statement (None: no change).
     sets_search_path: tuple[str, ...] | None = None
     search_path_is_local: bool = False  # SET LOCAL / set_config(..., true)
     # Why a class was assumed rather than proven (fail-closed notes, shown by `explain`).
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def all_commands(self) -> tuple[str, ...]:
+        """``commands``, or just ``(command,)`` when it is empty."""
+        return self.commands or (self.command,)
 
     @property
     def statement_class(self) -> StatementClass:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pglast import parser
 
 from pgguard.identity import Identity
-from pgguard.policy.analysis import AnalysisError, analyse
+from pgguard.policy.analysis import AnalysisError, analyse, prepared_statement
 from pgguard.policy.catalog import CatalogSnapshot, effective_search_path
 from pgguard.policy.engine import Decision, Limits, decide_many, limits_for
 from pgguard.policy.facts import StatementFacts
@@ -155,6 +155,8 @@ class SessionGuard:
         self.search_path = search_path
         self.default_search_path = search_path
         self.pending_paths: list[tuple[str, ...]] = []
+        # SQL-level PREPAREs of this session, so that EXECUTE is judged as what it runs.
+        self.prepared: dict[str, StatementFacts] = {}
         self.current_user = current_user
         self.limits: Limits | None = None
         self.pinned: frozenset[str] = frozenset()
@@ -199,10 +201,7 @@ class SessionGuard:
             # Until the server confirms a search_path change, judge under every path the
             # session may have (fail closed: the most severe decision wins).
             candidates = [self.search_path, *self.pending_paths]
-            judged = [
-                self.state.analyse(self.database, path, self.current_user, sql)
-                for path in dict.fromkeys(candidates)
-            ]
+            judged = [self._analyse(path, sql) for path in dict.fromkeys(candidates)]
         except AnalysisError as exc:
             return Judgement(
                 (), None, Refusal("parser", f"statement could not be analysed: {exc}", "42601")
@@ -221,6 +220,21 @@ class SessionGuard:
             self._note_effects(facts)
         return Judgement(facts, decision, refusal)
 
+    def _analyse(self, path: tuple[str, ...], sql: str) -> tuple[StatementFacts, ...]:
+        if self.prepared and "execute" in sql.lower():
+            # EXECUTE of a statement this session PREPAREd: judged as that statement.
+            return tuple(
+                analyse(
+                    sql,
+                    self.state.catalog(self.database),
+                    path,
+                    self.state.allowed_functions,
+                    prepared=self.prepared,
+                    current_user=self.current_user,
+                )
+            )
+        return self.state.analyse(self.database, path, self.current_user, sql)
+
     def search_path_confirmed(self, setting: str, in_transaction: bool = False) -> None:
         """The server reports the session's search_path: judge with it from now on. Inside a
         transaction block a rollback could still restore the previous path, so that one
@@ -231,6 +245,15 @@ class SessionGuard:
 
     def _note_effects(self, facts: Sequence[StatementFacts]) -> None:
         for f in facts:
+            if f.command == "PREPARE":
+                found = prepared_statement(
+                    f.sql,
+                    self.state.catalog(self.database),
+                    self.search_path,
+                    self.state.allowed_functions,
+                )
+                if found is not None:
+                    self.prepared[found[0]] = found[1]
             if f.sets_search_path is not None:
                 if f.sets_search_path:
                     path = effective_search_path(f.sets_search_path, self.current_user)

@@ -212,6 +212,18 @@ def test_copy_out_allowed_and_copy_in_refused(guarded: Gateway, pg: PgServer) ->
     assert snapshot(pg) == before
 
 
+def test_sql_prepare_then_execute_is_judged_as_the_prepared_statement(guarded: Gateway) -> None:
+    with psycopg.connect(guarded.dsn("agent", groups=["ai-agents"]), autocommit=True) as conn:
+        conn.execute(b"prepare read_one as select status from orders where id = $1")
+        assert conn.execute(b"execute read_one(3)").fetchone() == ("open",)
+        # A statement it may not run cannot be smuggled in through PREPARE/EXECUTE.
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute(b"prepare wipe_one as delete from orders where id = $1")
+        with pytest.raises(psycopg.Error):
+            conn.execute(b"execute wipe_one(3)")
+        assert conn.execute("select count(*) from orders").fetchone() == (20,)
+
+
 def test_developer_rules(guarded: Gateway, pg: PgServer) -> None:
     with psycopg.connect(guarded.dsn("dev", groups=["developers"]), autocommit=True) as conn:
         with pytest.raises(errors.InsufficientPrivilege, match="no-unbounded-delete"):
