@@ -51,6 +51,15 @@ assumed ``read write function`` (everything a PREPARE may contain). A multi-stat
 string gives one facts per statement; a ``SET search_path`` in it applies to the statements
 after it.
 
+``commands`` lists the tag of every statement that runs: the outer tag first, then the
+data-modifying statements of CTEs (any depth), the statement under EXPLAIN ANALYZE, the inner
+statement of PREPARE and of a known EXECUTE, the query of CREATE TABLE AS / CREATE
+MATERIALIZED VIEW / COPY (query) / DECLARE CURSOR, and CREATE SCHEMA elements — so a rule on
+``commands: [DELETE]`` sees ``WITH d AS (DELETE …) SELECT …``. ``settings`` names the run-time
+settings the statement changes (SET / RESET, constant ``set_config`` names, transaction modes
+of SET TRANSACTION / BEGIN, ``all`` for RESET ALL and DISCARD ALL); a PREPARE changes none
+until it is executed.
+
 ``without_where`` is set for an UPDATE / DELETE (anywhere in the statement, CTEs included)
 whose WHERE is missing, folds to true (``true``, ``1=1``, ``'a'='a'``, ``x = x``, ``NOT
 false``, ``1 IN (1, 2)``, ``true OR …``), or references no column at all (``EXISTS (SELECT
@@ -1461,10 +1470,17 @@ def _s_variable_set(w: _Walker, body: Node) -> str:
             w.cls("admin", "function")
             w.note(risk)
     if kind == "VAR_SET_MULTI":
-        for item in body.get("args", ()):
-            elem = item.get("DefElem", {})
-            if elem.get("defname") == "transaction_read_only":
+        # SET TRANSACTION …, SET SESSION CHARACTERISTICS AS TRANSACTION … (and SET TRANSACTION
+        # SNAPSHOT, whose argument is no DefElem and which changes no setting)
+        prefix = "default_" if name == "session characteristics" else ""
+        for option in _transaction_options(body.get("args", ())):
+            w.changes(prefix + option)
+            if option == "transaction_read_only":
                 w.note("changes the transaction read-only mode")
+    elif kind == "VAR_RESET_ALL":
+        w.changes("all")
+    elif name:
+        w.changes(name)
     if kind == "VAR_RESET_ALL":
         if w.executing:
             w.sets_search_path = ()
@@ -1488,6 +1504,7 @@ def _s_discard(w: _Walker, body: Node) -> str:
     w.cls("session")
     target = str(body.get("target", "DISCARD_ALL"))
     if target == "DISCARD_ALL" and w.executing:
+        w.changes("all")  # DISCARD ALL includes RESET ALL
         w.sets_search_path = ()
         w.search_path_is_local = False
         w.deallocated = "*"
@@ -1514,11 +1531,21 @@ def _s_transaction(w: _Walker, body: Node) -> str:
     if kind in ("TRANS_STMT_PREPARE", "TRANS_STMT_COMMIT_PREPARED", "TRANS_STMT_ROLLBACK_PREPARED"):
         w.cls("admin")
         w.note("two-phase commit outlives the session")
-    for item in body.get("options", ()):
-        elem = item.get("DefElem", {})
-        if elem.get("defname") == "transaction_read_only":
+    for option in _transaction_options(body.get("options", ())):
+        w.changes(option)  # BEGIN / START TRANSACTION ISOLATION LEVEL …, READ ONLY, …
+        if option == "transaction_read_only":
             w.note("changes the transaction read-only mode")
     return _TRANSACTION_TAGS.get(kind, "BEGIN")
+
+
+def _transaction_options(items: Iterable[Any]) -> list[str]:
+    """The settings named by transaction modes (``transaction_isolation``, …)."""
+    out: list[str] = []
+    for item in items:
+        elem = item.get("DefElem") if type(item) is dict else None
+        if elem and elem.get("defname"):
+            out.append(str(elem["defname"]).lower())
+    return out
 
 
 def _merge(w: _Walker, facts: StatementFacts, *, runs: bool) -> None:

@@ -1,5 +1,8 @@
 """The guard-rule engine: (policy, identity, database, statement facts) → decision. Pure.
 
+A rule's ``commands`` match when any tag in ``StatementFacts.commands`` does (the outer command
+and every statement it runs: a DELETE in a CTE, under EXPLAIN ANALYZE, in a PREPARE, …).
+
 Precedence (SPEC §3): deny wins over require_approval wins over allow. ``audit_only`` rules are
 a dry run: they are reported in ``Decision.audit_only_rules`` (and ``matched``) and never change
 the action. When no enforcing rule matches, ``defaults.action`` applies with rule ``default``.
@@ -228,15 +231,15 @@ def decide(
     if not rules:
         return compiled.default
     classes = facts.classes
-    command: str | None = None
+    commands: tuple[str, ...] | None = None
     hits: list[int] = []
     for r in rules:
         if r.classes is not None and r.classes.isdisjoint(classes):
             continue
         if r.commands is not None:
-            if command is None:
-                command = facts.command.upper()
-            if command not in r.commands:
+            if commands is None:
+                commands = tuple(c.upper() for c in facts.all_commands)
+            if r.commands.isdisjoint(commands):
                 continue
         if r.without_where is not None and facts.without_where != r.without_where:
             continue
@@ -414,6 +417,9 @@ def explain_text(
         else:
             lines.append(f"  class: {shown}")
         lines.append(f"  command: {facts.command}")
+        nested = [c for c in facts.all_commands if c != facts.command]
+        if nested:
+            lines.append(f"  also runs: {', '.join(nested)}")
         lines.append(f"  tables: {_listing(facts.tables)}")
         if facts.written_tables:
             lines.append(f"  written tables: {_listing(facts.written_tables)}")
@@ -421,6 +427,8 @@ def explain_text(
         lines.append(f"  functions: {_listing(facts.functions)}")
         if facts.without_where:
             lines.append("  without WHERE: yes")
+        if facts.settings:
+            lines.append(f"  changes settings: {', '.join(facts.settings)}")
         for note in facts.notes:
             lines.append(f"  note: {note}")
     lines.append("")

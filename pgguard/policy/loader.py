@@ -26,6 +26,7 @@ from pgguard.policy.model import (
     COMMAND_ALIASES,
     COMMAND_CLASSES,
     COMMAND_TAGS,
+    WITHOUT_WHERE_TAGS,
     Defaults,
     GlobSet,
     LimitRule,
@@ -273,6 +274,7 @@ def _rule_never_matches(rule: Rule, origin: _Origin, out: list[PolicyProblem]) -
                         f"{command!r} is not a PostgreSQL command tag{hint}: it never matches",
                     )
                 )
+            # COMMAND_CLASSES counts the classes of statements that can run ``tag`` inside them
             elif match.classes and COMMAND_CLASSES[tag].isdisjoint(match.classes):
                 out.append(
                     origin.problem(
@@ -286,11 +288,14 @@ def _rule_never_matches(rule: Rule, origin: _Origin, out: list[PolicyProblem]) -
         if not usable:
             out.append(origin.problem(("match", "commands"), f"no usable command: {_NEVER}"))
             never = True
-        elif match.without_where is True and not ({"UPDATE", "DELETE"} & set(match.commands)):
+        elif match.without_where is True and WITHOUT_WHERE_TAGS.isdisjoint(
+            _commands(match.commands)
+        ):
             out.append(
                 origin.problem(
                     ("match", "without_where"),
-                    f"without_where only applies to UPDATE and DELETE: {_NEVER}",
+                    "without_where only applies to UPDATE and DELETE (and TRUNCATE), alone or "
+                    f"run inside another statement, and none of these commands runs one: {_NEVER}",
                 )
             )
             never = True

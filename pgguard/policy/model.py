@@ -170,6 +170,67 @@ _DDL_OBJECTS = (
 )
 _ALTER_ONLY = ("LARGE OBJECT",)
 
+# Statements that run inside another one (``StatementFacts.commands`` lists them after the outer
+# tag), with the tags of the statements that can hold them: data-modifying CTEs, EXPLAIN
+# ANALYZE, PREPARE / EXECUTE, COPY (query), CREATE TABLE AS, DECLARE CURSOR, CREATE SCHEMA.
+_DML_HOSTS = (
+    "SELECT",
+    "SELECT INTO",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "MERGE",
+    "EXPLAIN",
+    "PREPARE",
+    "EXECUTE",
+    "COPY",
+    "CREATE TABLE AS",
+    "CREATE MATERIALIZED VIEW",
+    "DECLARE CURSOR",
+)
+_NESTED_IN: Final[dict[str, tuple[str, ...]]] = {
+    "SELECT": (
+        "EXPLAIN",
+        "PREPARE",
+        "EXECUTE",
+        "COPY",
+        "CREATE TABLE AS",
+        "CREATE MATERIALIZED VIEW",
+        "DECLARE CURSOR",
+    ),
+    "INSERT": _DML_HOSTS,
+    "UPDATE": _DML_HOSTS,
+    "DELETE": _DML_HOSTS,
+    "MERGE": _DML_HOSTS,
+    "EXECUTE": ("EXPLAIN", "CREATE TABLE AS"),
+    "DECLARE CURSOR": ("EXPLAIN",),
+    "CREATE TABLE AS": ("EXPLAIN",),
+    "CREATE MATERIALIZED VIEW": ("EXPLAIN",),
+    **{
+        tag: ("CREATE SCHEMA",)
+        for tag in (
+            "CREATE TABLE",
+            "CREATE VIEW",
+            "CREATE INDEX",
+            "CREATE SEQUENCE",
+            "CREATE TRIGGER",
+            "GRANT",
+        )
+    },
+}
+
+
+def _closure(start: Iterable[str]) -> frozenset[str]:
+    """``start`` and every tag that can hold one of them, directly or not."""
+    found = set(start)
+    pending = list(found)
+    while pending:
+        for host in _NESTED_IN.get(pending.pop(), ()):
+            if host not in found:
+                found.add(host)
+                pending.append(host)
+    return frozenset(found)
+
 
 def _command_classes() -> dict[str, frozenset[str]]:
     ddl = frozenset({"ddl", "role", "admin", "function", "write", "read"})
@@ -193,12 +254,19 @@ def _command_classes() -> dict[str, frozenset[str]]:
         table[tag] = frozenset({"transaction", "session", "admin"})
     for tag in _QUERY_TAGS:
         table[tag] = _ANY
+    # A rule's commands match a nested statement too, so a tag can have every class of the
+    # statements that can hold it.
+    for tag in _NESTED_IN:
+        table[tag] = frozenset().union(*(table[host] for host in _closure([tag])))
     return table
 
 
 #: Command tag → the classes a statement with that tag could have.
 COMMAND_CLASSES: Final[dict[str, frozenset[str]]] = _command_classes()
 COMMAND_TAGS: Final[frozenset[str]] = frozenset(COMMAND_CLASSES)
+#: Tags a statement with ``without_where`` can list in its commands: UPDATE, DELETE, TRUNCATE
+#: and every statement that can run an UPDATE or DELETE inside it.
+WITHOUT_WHERE_TAGS: Final[frozenset[str]] = _closure(["UPDATE", "DELETE", "TRUNCATE TABLE"])
 
 #: Spellings people write for a command whose tag differs. A rule listing one of these matches
 #: both the spelling and the real tag.
@@ -792,6 +860,7 @@ class Match(_Model):
     """What a rule applies to. Omitted keys match any statement; all given keys must hold."""
 
     classes: Annotated[tuple[StatementClass, ...], BeforeValidator(_one_or_many)] | None = None
+    # Any command the statement runs: its own, or one nested in it (a DELETE in a CTE, …).
     commands: Annotated[tuple[Pattern, ...], BeforeValidator(_one_or_many)] | None = None
     tables: Patterns | None = None
     functions: Patterns | None = None
@@ -823,7 +892,7 @@ class Match(_Model):
         classes, commands, tables, functions, without_where = self.compiled
         if classes is not None and classes.isdisjoint(facts.classes):
             return False
-        if commands is not None and facts.command.upper() not in commands:
+        if commands is not None and commands.isdisjoint(c.upper() for c in facts.all_commands):
             return False
         if without_where is not None and facts.without_where != without_where:
             return False

@@ -190,28 +190,27 @@ class RelayCore:
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
             if t == _Q:
                 self.pending += 1
-                raw = buf[pos:end]
-                judged = self._judge(raw, raw[5:-1], False)
+                sql = buf[pos + 5 : end - 1]
             else:  # Parse
                 i = buf.find(0, pos + 5, end)
                 j = buf.find(0, i + 1, end) if i >= 0 else -1
                 if j < 0:
                     raise ProtocolError("Parse: unterminated string")
-                raw = buf[pos:end]
-                judged = self._judge(raw, buf[i + 1 : j], True)
-            if judged is not raw:
+                sql = buf[i + 1 : j]
+            refusal = self._verdict(sql)
+            if refusal is not None:
                 if out is None:
                     out = []
                 out.append(buf[prev:pos])
-                out.append(judged)
+                out.append(self._substitute_message(buf[pos:end], refusal, t == _P))
                 prev = end
         if out is None:
             return buf if cut == len(buf) else buf[:cut]
         out.append(buf[prev:cut])
         return b"".join(out)
 
-    def _judge(self, raw: bytes, sql: bytes, is_parse: bool) -> bytes:
-        """``raw`` if the statement may go, else its substitute."""
+    def _verdict(self, sql: bytes) -> Refusal | None:
+        """The hook's verdict on ``sql``, remembered per text until the epoch moves."""
         cache = self._verdicts
         if self.epoch is not None and self.epoch[0] != self._epoch_seen:
             cache.clear()  # the policy or a catalog changed since these verdicts
@@ -223,9 +222,11 @@ class RelayCore:
             if len(cache) >= _VERDICT_CACHE:
                 cache.clear()
             cache[sql] = refusal
-        if refusal is None:
-            return raw
-        token = self._substitute(cast(Refusal, refusal))
+        return cast(Refusal | None, refusal)
+
+    def _substitute_message(self, raw: bytes, refusal: Refusal, is_parse: bool) -> bytes:
+        """A Query/Parse the server will fail with a unique syntax error (see ``__init__``)."""
+        token = self._substitute(refusal)
         if is_parse:
             name = raw[5 : raw.find(0, 5)].decode("utf-8", "surrogateescape")
             return Parse(name, token, ()).encode()
@@ -299,7 +300,7 @@ class RelayCore:
                 if self.pending == 0:
                     if self._refusals:
                         self._refusals.clear()  # refused requests skipped after an error
-                    if self._internal_ready():
+                    if self._internal_queue and self._internal_ready():
                         self._start_internal()
                 if self.ending is not None and self._can_end():
                     self.closing = True
