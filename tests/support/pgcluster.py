@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import re
 import secrets
 import shutil
 import signal
@@ -30,6 +29,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgguard.embedded import EmbeddedError
+from pgguard.embedded import find_bindir as embedded_bindir
 
 from .ports import free_port
 from .schema import create_schema
@@ -52,7 +54,6 @@ local   replication all                      trust
 host    replication all       127.0.0.1/32   scram-sha-256
 """
 
-_REQUIRED = ("initdb", "pg_ctl", "postgres")
 
 
 class ClusterError(RuntimeError):
@@ -109,48 +110,12 @@ class PgServer:
 # --------------------------------------------------------------------------- binaries
 
 
-def _has_server(bindir: Path) -> bool:
-    return all((bindir / exe).is_file() and os.access(bindir / exe, os.X_OK) for exe in _REQUIRED)
-
-
-def _version_key(path: Path) -> tuple[int, ...]:
-    nums = re.findall(r"\d+", path.parent.name)
-    return tuple(int(n) for n in nums) or (0,)
-
-
 def find_bindir() -> Path | None:
-    """Directory holding initdb/pg_ctl/postgres, or None if none is found."""
-    initdb = shutil.which("initdb")
-    postgres = shutil.which("postgres")
-    if initdb and postgres:
-        for candidate in (Path(initdb).resolve().parent, Path(initdb).parent):
-            if _has_server(candidate):
-                return candidate
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            if out and _has_server(Path(out)):
-                return Path(out)
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True)
-    for candidate in debian:
-        if _has_server(candidate):
-            return candidate
+    """Directory holding initdb/pg_ctl/postgres (pgguard's own lookup), or None."""
     try:
-        import pgserver
-    except Exception:
+        return embedded_bindir()
+    except EmbeddedError:
         return None
-    base = Path(pgserver.__file__).parent
-    candidates = [base / "pginstall" / "bin"]
-    bin_attr = getattr(getattr(pgserver, "_commands", None), "POSTGRES_BIN_PATH", None)
-    if bin_attr:
-        candidates.insert(0, Path(bin_attr))
-    for candidate in candidates:
-        if _has_server(candidate):
-            return candidate
-    return None
 
 
 # --------------------------------------------------------------------------- private cluster
