@@ -372,3 +372,29 @@ def test_max_rows_error_mode_stops_the_query(row_limited: Gateway) -> None:
         assert conn.execute("select 1").fetchone() == (1,)
     with psycopg.connect(row_limited.dsn("free", groups=["other"])) as conn:
         assert len(conn.execute("select g from generate_series(1, 100) g").fetchall()) == 100
+
+
+def test_policy_reloads_when_its_file_changes(pg: PgServer, tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrules: []\n")
+    gw = Gateway(pg, tmp_path / "gw", overrides={"policies": [str(policy)]})
+    gw.start()
+    try:
+        with psycopg.connect(gw.dsn("agent"), autocommit=True) as conn:
+            assert conn.execute("select count(*) from orders").fetchone() == (20,)
+            policy.write_text(
+                "version: 1\nrules:\n  - name: watched\n    match: {tables: [public.orders]}\n"
+                "    action: deny\n    message: changed on disk\n"
+            )
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    conn.execute("select count(*) from orders")
+                except errors.InsufficientPrivilege as exc:
+                    assert "pgguard: watched: changed on disk" in str(exc)
+                    break
+                time.sleep(0.3)
+            else:
+                pytest.fail("the changed policy file was not picked up")
+    finally:
+        gw.stop()

@@ -33,6 +33,7 @@ from pgguard.policy.catalog import (
     split_search_path,
 )
 from pgguard.policy.facts import FunctionInfo, RelationInfo, StatementClass, StatementFacts
+from pgguard.policy.model import COMMAND_CLASSES, WITHOUT_WHERE_TAGS
 
 # --------------------------------------------------------------------------- hand-built catalog
 
@@ -663,6 +664,14 @@ def test_corpus(case: Case) -> None:
     assert set(facts.written_tables) <= set(facts.tables), facts
     if "write" not in facts.classes:
         assert not facts.written_tables or facts.command.startswith("ALTER"), facts
+    # commands: the outer tag first, each tag once
+    assert facts.commands[0] == facts.command, facts
+    assert len(set(facts.commands)) == len(facts.commands), facts
+    # the policy loader's "can never match" warnings agree with what the analyser produces
+    for command in facts.commands:
+        assert facts.classes <= COMMAND_CLASSES[command], (command, facts)
+    if facts.without_where:
+        assert not WITHOUT_WHERE_TAGS.isdisjoint(facts.commands), facts
 
 
 def test_every_family_has_a_benign_twin() -> None:
@@ -839,6 +848,224 @@ def test_notes_explain_assumptions() -> None:
     assert one("execute p").notes
     assert one("do $$ begin end $$").notes
     assert not one("select lower(name) from customers").notes
+
+
+# --------------------------------------------------------------------------- commands, settings
+
+
+@pytest.mark.parametrize(
+    ("sql", "commands"),
+    [
+        # plain statements: just their own tag (a subquery SELECT is no statement)
+        ("select 1", ("SELECT",)),
+        ("delete from orders where id = 1", ("DELETE",)),
+        ("insert into t select id, total from orders", ("INSERT",)),
+        ("update t set x = (select max(total) from orders) where id = 1", ("UPDATE",)),
+        ("set work_mem = '1MB'", ("SET",)),
+        ("vacuum", ("VACUUM",)),
+        ("truncate orders", ("TRUNCATE TABLE",)),
+        ("with r as (select * from orders) select * from r", ("SELECT",)),
+        # data-modifying CTEs, at any depth
+        ("with d as (delete from orders returning *) select * from d", ("SELECT", "DELETE")),
+        (
+            "with u as (update orders set total = 0 where id = 2 returning id) "
+            "select count(*) from u",
+            ("SELECT", "UPDATE"),
+        ),
+        ("with i as (insert into t values (1, 1) returning *) select 1", ("SELECT", "INSERT")),
+        (
+            "with m as (merge into orders o using t on o.id = t.id when matched then delete) "
+            "select 1",
+            ("SELECT", "MERGE"),
+        ),
+        (
+            "select * from (with d as (delete from t returning *) select * from d) s",
+            ("SELECT", "DELETE"),
+        ),
+        (
+            "with a as (with b as (insert into t values (1, 1) returning id) "
+            "update orders set total = 1 where id in (select id from b) returning id) "
+            "delete from t where id in (select id from a)",
+            ("DELETE", "UPDATE", "INSERT"),
+        ),
+        (
+            "with a as (delete from t returning *), b as (delete from orders returning *) select 1",
+            ("SELECT", "DELETE"),
+        ),
+        # EXPLAIN: only ANALYZE runs the statement
+        ("explain analyze delete from orders", ("EXPLAIN", "DELETE")),
+        ("explain (analyze true) update orders set total = 1", ("EXPLAIN", "UPDATE")),
+        ("explain delete from orders", ("EXPLAIN",)),
+        ("explain (analyze false) delete from orders", ("EXPLAIN",)),
+        ("explain analyze select * from orders", ("EXPLAIN", "SELECT")),
+        (
+            "explain analyze with d as (delete from orders returning *) select * from d",
+            ("EXPLAIN", "SELECT", "DELETE"),
+        ),
+        ("explain analyze create table x as select 1", ("EXPLAIN", "CREATE TABLE AS", "SELECT")),
+        ("explain analyze execute p", ("EXPLAIN", "EXECUTE")),
+        # PREPARE: the inner statement; EXECUTE of an unknown name: only EXECUTE
+        ("prepare p as delete from orders", ("PREPARE", "DELETE")),
+        (
+            "prepare p as with d as (delete from orders returning *) select * from d",
+            ("PREPARE", "SELECT", "DELETE"),
+        ),
+        ("execute p", ("EXECUTE",)),
+        # CREATE TABLE AS / SELECT INTO / CREATE MATERIALIZED VIEW
+        (
+            "create table x as with d as (delete from orders returning *) select * from d",
+            ("CREATE TABLE AS", "SELECT", "DELETE"),
+        ),
+        ("create table x as select * from orders", ("CREATE TABLE AS", "SELECT")),
+        ("create table x as select * from orders with no data", ("CREATE TABLE AS",)),
+        ("create table x as execute p", ("CREATE TABLE AS", "EXECUTE")),
+        (
+            "create materialized view m2 as select * from vault.secrets",
+            ("CREATE MATERIALIZED VIEW", "SELECT"),
+        ),
+        ("select * into newt from orders", ("SELECT",)),
+        (
+            "with d as (delete from orders returning *) select * into newt from d",
+            ("SELECT", "DELETE"),
+        ),
+        # COPY (query)
+        ("copy (delete from orders returning *) to stdout", ("COPY", "DELETE")),
+        (
+            "copy (with d as (update orders set total = 0 returning *) select * from d) to stdout",
+            ("COPY", "SELECT", "UPDATE"),
+        ),
+        ("copy (select * from orders) to stdout", ("COPY", "SELECT")),
+        ("copy orders to stdout", ("COPY",)),
+        ("copy orders from stdin", ("COPY",)),
+        # DECLARE CURSOR
+        ("declare c cursor for select * from orders", ("DECLARE CURSOR", "SELECT")),
+        (
+            "declare c cursor for with d as (delete from orders returning *) select * from d",
+            ("DECLARE CURSOR", "SELECT", "DELETE"),
+        ),
+        # CREATE SCHEMA runs its elements
+        (
+            "create schema s2 create table a (x int) grant select on a to bob",
+            ("CREATE SCHEMA", "CREATE TABLE", "GRANT"),
+        ),
+        # definitions run later: nothing nested
+        ("create rule r as on insert to t do instead delete from orders", ("CREATE RULE",)),
+        (
+            "create procedure p2() language sql begin atomic delete from orders; end",
+            ("CREATE PROCEDURE",),
+        ),
+        ("create view v5 as select * from orders", ("CREATE VIEW",)),
+    ],
+)
+def test_commands(sql: str, commands: tuple[str, ...]) -> None:
+    facts = one(sql)
+    assert facts.commands == commands, facts
+    assert facts.all_commands == commands
+
+
+def test_commands_of_prepared_statements() -> None:
+    _, deleter = prepared_statement(
+        "prepare d as with x as (delete from orders returning *) select * from x", CATALOG, PATH
+    ) or ("", None)
+    assert deleter is not None
+    assert deleter.commands == ("SELECT", "DELETE")
+    known = {"d": deleter}
+    assert one("execute d", prepared=known).commands == ("SELECT", "DELETE")
+    assert one("explain analyze execute d", prepared=known).commands == (
+        "EXPLAIN",
+        "SELECT",
+        "DELETE",
+    )
+    assert one("explain execute d", prepared=known).commands == ("EXPLAIN",)
+    assert one("create table x as execute d", prepared=known).commands == (
+        "CREATE TABLE AS",
+        "SELECT",
+        "DELETE",
+    )
+    facts = analyse("prepare e as delete from t; execute e; execute f", CATALOG, PATH)
+    assert [f.commands for f in facts] == [("PREPARE", "DELETE"), ("DELETE",), ("EXECUTE",)]
+    # facts built by hand (or by an older analyser) fall back to the command
+    manual = StatementFacts(sql="delete from t", command="DELETE", classes=frozenset({"write"}))
+    assert manual.commands == ()
+    assert manual.all_commands == ("DELETE",)
+    assert one("execute m", prepared={"m": manual}).commands == ("DELETE",)
+
+
+@pytest.mark.parametrize(
+    ("sql", "settings_"),
+    [
+        ("select 1", ()),
+        ("delete from orders", ()),
+        ("set work_mem = '1MB'", ("work_mem",)),
+        ('set local "Work_Mem" = 1', ("work_mem",)),
+        ("set work_mem from current", ("work_mem",)),
+        ("set search_path to default", ("search_path",)),
+        ("set schema 'app'", ("search_path",)),
+        ("set time zone 'UTC'", ("timezone",)),
+        ("set names 'latin1'", ("client_encoding",)),
+        ("set role postgres", ("role",)),
+        ("set session authorization default", ("session_authorization",)),
+        ("set pgguard.prompt_id = 'p1'", ("pgguard.prompt_id",)),
+        ("reset statement_timeout", ("statement_timeout",)),
+        ("reset role", ("role",)),
+        ("reset all", ("all",)),
+        ("discard all", ("all",)),
+        ("discard plans", ()),
+        (
+            "set transaction isolation level serializable, read only, deferrable",
+            ("transaction_isolation", "transaction_read_only", "transaction_deferrable"),
+        ),
+        ("set transaction read write", ("transaction_read_only",)),
+        (
+            "set session characteristics as transaction isolation level read committed",
+            ("default_transaction_isolation",),
+        ),
+        (
+            "set session characteristics as transaction read write",
+            ("default_transaction_read_only",),
+        ),
+        ("set transaction snapshot '00000003-0000001B-1'", ()),
+        (
+            "begin isolation level repeatable read read only",
+            ("transaction_isolation", "transaction_read_only"),
+        ),
+        ("start transaction read write", ("transaction_read_only",)),
+        ("begin", ()),
+        ("commit", ()),
+        (
+            "select set_config('Statement_Timeout', '1s', false), "
+            "set_config('search_path', 'app', true)",
+            ("statement_timeout", "search_path"),
+        ),
+        ("select set_config(current_user, 'x', false)", ()),
+        ("explain analyze select set_config('work_mem', '1MB', false)", ("work_mem",)),
+        ("explain select set_config('work_mem', '1MB', false)", ()),
+        ("prepare q as select set_config('work_mem', '1MB', false)", ()),
+        ("create view v6 as select set_config('work_mem', '1MB', false)", ()),
+        ("alter system set work_mem = '1GB'", ()),
+        ("alter role bob set work_mem = '1MB'", ()),
+        ("alter database postgres set work_mem = '1MB'", ()),
+        (
+            "create function f2() returns int language sql set work_mem = '1MB' as 'select 1'",
+            (),
+        ),
+    ],
+)
+def test_settings(sql: str, settings_: tuple[str, ...]) -> None:
+    assert one(sql).settings == settings_
+
+
+def test_settings_of_executed_prepared_statements() -> None:
+    facts = analyse(
+        "prepare q as select set_config('work_mem', '1MB', false); execute q", CATALOG, PATH
+    )
+    assert [f.settings for f in facts] == [(), ("work_mem",)]
+    _, inner = prepared_statement(
+        "prepare q as select set_config('work_mem', '1MB', false)", CATALOG, PATH
+    ) or ("", None)
+    assert inner is not None
+    assert one("explain analyze execute q", prepared={"q": inner}).settings == ("work_mem",)
+    assert one("explain execute q", prepared={"q": inner}).settings == ()
 
 
 # --------------------------------------------------------------------------- prepared statements

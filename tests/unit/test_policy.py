@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgguard.identity.model import Identity
+from pgguard.policy.analysis import analyse, prepared_statement
+from pgguard.policy.catalog import CatalogSnapshot
 from pgguard.policy.engine import (
     NO_LIMITS,
     Decision,
@@ -26,7 +28,7 @@ from pgguard.policy.engine import (
     mask_for_column,
     masks_for,
 )
-from pgguard.policy.facts import StatementClass, StatementFacts
+from pgguard.policy.facts import RelationInfo, StatementClass, StatementFacts
 from pgguard.policy.loader import (
     check_policy,
     check_policy_files,
@@ -109,6 +111,8 @@ def facts(
     without_where: bool = False,
     sql: str | None = None,
     notes: Sequence[str] = (),
+    commands: Sequence[str] = (),
+    settings: Sequence[str] = (),
 ) -> StatementFacts:
     return StatementFacts(
         sql=sql or f"{command.lower()} …",
@@ -118,6 +122,8 @@ def facts(
         columns=tuple(columns),
         functions=tuple(functions),
         without_where=without_where,
+        commands=tuple(commands),
+        settings=tuple(settings),
         notes=tuple(notes),
     )
 
@@ -536,8 +542,8 @@ def test_warnings_for_rules_that_can_never_match() -> None:
           - name: wrong-class
             match: {classes: [write], commands: [COMMIT]}
             action: deny
-          - name: where-insert
-            match: {commands: [INSERT], without_where: true}
+          - name: where-vacuum
+            match: {commands: [VACUUM, COMMIT], without_where: true}
             action: deny
           - name: deep
             match: {tables: [db.public.orders]}
@@ -553,10 +559,34 @@ def test_warnings_for_rules_that_can_never_match() -> None:
     typo = by_location["rules[2](typo).match.commands[0]"]
     assert "not a PostgreSQL command tag (did you mean DELETE?)" in typo.message
     assert "never of class write" in by_location["rules[3](wrong-class).match.commands[0]"].message
-    assert "UPDATE and DELETE" in by_location["rules[4](where-insert).match.without_where"].message
+    assert "UPDATE and DELETE" in by_location["rules[4](where-vacuum).match.without_where"].message
     assert "more than 2" in by_location["rules[5](deep).match.tables[0]"].message
     assert not any("alias-ok" in w.location for w in warnings)
     assert all(w.severity == "warning" and w.line is not None for w in warnings)
+
+
+def test_nested_commands_count_for_never_match_warnings() -> None:
+    """A command can run inside another statement (a DELETE in a CTE, under EXPLAIN ANALYZE, in
+    CREATE TABLE AS, …), so it can come with its host's classes and ``without_where``."""
+    warnings = warnings_of(
+        rules_yaml(
+            # WITH d AS (DELETE …) INSERT …: INSERT with an unbounded DELETE
+            "- {name: a, match: {commands: [INSERT], without_where: true}, action: deny}",
+            "- {name: b, match: {commands: [SELECT, EXPLAIN], without_where: true}, action: deny}",
+            "- {name: c, match: {commands: [PREPARE, COPY], without_where: true}, action: deny}",
+            "- {name: d, match: {commands: [TRUNCATE], without_where: true}, action: deny}",
+            # CREATE TABLE x AS WITH d AS (DELETE …) SELECT …: a DELETE in a ddl statement
+            "- {name: e, match: {commands: [DELETE], classes: [ddl]}, action: deny}",
+            # CREATE SCHEMA s CREATE TABLE …
+            "- {name: f, match: {commands: [CREATE TABLE], classes: [ddl]}, action: deny}",
+            "- {name: g, match: {commands: [DROP OWNED], classes: [write]}, action: deny}",
+            "- {name: h, match: {commands: [COMMIT], classes: [write]}, action: deny}",
+        )
+    )
+    assert [w.location for w in warnings] == [
+        "rules[7](h).match.commands[0]",
+        "rules[7](h).match.commands",
+    ]
 
 
 def test_warning_for_rule_shadowed_by_a_stronger_rule() -> None:
@@ -775,6 +805,39 @@ def test_when(when: str, identity: Identity, database: str, hit: bool) -> None:
         ("{commands: [CREATE TABLE]}", facts("CREATE TABLE AS", ["ddl"]), False),
         ("{commands: [TRUNCATE]}", facts("TRUNCATE TABLE", ["write"]), True),
         ("{commands: [TRUNCATE]}", facts("TRUNCATE", ["write"]), True),
+        # any command the statement runs matches, the outer one or a nested one
+        (
+            "{commands: [DELETE]}",
+            facts("SELECT", ["read", "write"], commands=["SELECT", "DELETE"]),
+            True,
+        ),
+        (
+            "{commands: [SELECT]}",
+            facts("SELECT", ["read", "write"], commands=["SELECT", "DELETE"]),
+            True,
+        ),
+        (
+            "{commands: [INSERT]}",
+            facts("SELECT", ["read", "write"], commands=["SELECT", "DELETE"]),
+            False,
+        ),
+        (
+            "{commands: [delete]}",
+            facts("EXPLAIN", ["read", "write"], commands=["explain", "delete"]),
+            True,
+        ),
+        (
+            "{commands: [DELETE, UPDATE], without_where: true}",
+            facts(
+                "PREPARE", ["session", "write"], commands=["PREPARE", "DELETE"], without_where=True
+            ),
+            True,
+        ),
+        (
+            "{commands: [DELETE, UPDATE], without_where: true}",
+            facts("SELECT", ["read", "write"], commands=["SELECT", "DELETE"]),
+            False,
+        ),
         ("{commands: [UPDATE], without_where: true}", facts("UPDATE", ["write"]), False),
         (
             "{commands: [UPDATE], without_where: true}",
@@ -1251,6 +1314,24 @@ def test_explain_text_multi_statement_and_audit() -> None:
     assert "limits:" not in text
 
 
+def test_explain_text_nested_commands_and_settings() -> None:
+    p = policy(SPEC_EXAMPLE)
+    statement = facts(
+        "EXPLAIN",
+        ["read", "write", "session"],
+        commands=["EXPLAIN", "SELECT", "DELETE"],
+        settings=["work_mem"],
+        without_where=True,
+    )
+    text = explain_text(decide(p, ident(), "demo", statement), [statement])
+    assert "rule: no-unbounded-delete\n" in text
+    assert "  command: EXPLAIN\n  also runs: SELECT, DELETE\n" in text
+    assert "  changes settings: work_mem\n" in text
+    plain = explain_text(decide(p, ident(), "demo", facts()), [facts()])
+    assert "also runs" not in plain
+    assert "changes settings" not in plain
+
+
 def test_explain_text_approval() -> None:
     p = policy(SPEC_EXAMPLE)
     statement = facts("UPDATE", ["write"], tables=["public.orders"])
@@ -1291,3 +1372,79 @@ def test_decision_is_frozen() -> None:
     d = Decision(action="allow", rule="default")
     with pytest.raises(AttributeError):
         d.action = "deny"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# Nested statements, end to end (analyser + engine)
+
+_ORDERS_CATALOG = CatalogSnapshot(
+    [RelationInfo(20002, "public", "orders", "r", ("id", "customer_id", "total", "status"))], []
+)
+_PATH = ("pg_catalog", "public")
+
+
+def _verdict(sql: str, prepared: dict[str, StatementFacts] | None = None) -> Decision:
+    p = policy(SPEC_EXAMPLE)
+    statements = analyse(sql, _ORDERS_CATALOG, _PATH, prepared=prepared)
+    return decide_many(p, ident("bob"), "demo", statements)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM orders",
+        "UPDATE orders SET total = 0",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+        "WITH u AS (UPDATE orders SET total = 0 RETURNING *) SELECT count(*) FROM u",
+        "SELECT * FROM (WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d) s",
+        "EXPLAIN ANALYZE DELETE FROM orders",
+        "EXPLAIN (ANALYZE, BUFFERS) UPDATE orders SET status = 'x'",
+        "PREPARE p AS DELETE FROM orders",
+        "PREPARE p AS DELETE FROM orders WHERE true",
+        "COPY (DELETE FROM orders RETURNING *) TO STDOUT",
+        "COPY (WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d) TO STDOUT",
+        "CREATE TABLE x AS WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+        "DECLARE c CURSOR FOR WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+    ],
+)
+def test_no_unbounded_delete_catches_nested_statements(sql: str) -> None:
+    d = _verdict(sql)
+    assert (d.action, d.rule) == ("deny", "no-unbounded-delete"), sql
+    assert d.error_text() == (
+        "pgguard: no-unbounded-delete: DELETE or UPDATE without a WHERE clause is not allowed"
+    )
+
+
+def test_no_unbounded_delete_catches_execute_of_a_known_prepared_statement() -> None:
+    # PREPARE and EXECUTE sent separately: the relay keeps the inner facts
+    found = prepared_statement("PREPARE p AS DELETE FROM orders", _ORDERS_CATALOG, _PATH)
+    assert found is not None
+    name, inner = found
+    d = _verdict("EXECUTE p", prepared={name: inner})
+    assert (d.action, d.rule) == ("deny", "no-unbounded-delete")
+    d = _verdict("EXPLAIN ANALYZE EXECUTE p", prepared={name: inner})
+    assert (d.action, d.rule) == ("deny", "no-unbounded-delete")
+    # and in one string
+    d = _verdict("PREPARE q AS UPDATE orders SET total = 0; EXECUTE q")
+    assert (d.action, d.rule) == ("deny", "no-unbounded-delete")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH d AS (DELETE FROM orders WHERE id = 1 RETURNING *) SELECT 1",
+        "WITH u AS (UPDATE orders SET total = 0 WHERE id = $1 RETURNING *) SELECT * FROM u",
+        "DELETE FROM orders WHERE id = 1",
+        "EXPLAIN DELETE FROM orders",  # plain EXPLAIN does not run it
+        "EXPLAIN (ANALYZE false) DELETE FROM orders",
+        "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 1",
+        "PREPARE p AS DELETE FROM orders WHERE id = $1",
+        "COPY (DELETE FROM orders WHERE status = 'x' RETURNING *) TO STDOUT",
+        "CREATE TABLE x AS SELECT * FROM orders",
+        "SELECT * FROM orders",
+    ],
+)
+def test_no_unbounded_delete_allows_bounded_nested_statements(sql: str) -> None:
+    d = _verdict(sql)
+    assert d.allowed, (sql, d)
+    assert "no-unbounded-delete" not in d.matched
