@@ -374,7 +374,10 @@ def test_max_rows_error_mode_stops_the_query(row_limited: Gateway) -> None:
         assert len(conn.execute("select g from generate_series(1, 100) g").fetchall()) == 100
 
 
-def test_policy_reloads_when_its_file_changes(pg: PgServer, tmp_path: Path) -> None:
+def test_policy_reloads_when_its_file_changes(
+    guarded: Gateway, pg: PgServer, tmp_path: Path
+) -> None:
+    del guarded  # only for its schema
     policy = tmp_path / "p.yaml"
     policy.write_text("version: 1\nrules: []\n")
     gw = Gateway(pg, tmp_path / "gw", overrides={"policies": [str(policy)]})

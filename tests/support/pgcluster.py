@@ -55,7 +55,6 @@ host    replication all       127.0.0.1/32   scram-sha-256
 """
 
 
-
 class ClusterError(RuntimeError):
     """The private cluster could not be created or started."""
 
