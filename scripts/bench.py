@@ -12,6 +12,12 @@ One private PostgreSQL cluster (``pgguard.embedded.EmbeddedPostgres``) holds a
 order, ``--rounds`` times; the report quotes median TPS and ratios, the proxies' CPU time per
 transaction, and their memory with 1,000 idle authenticated connections.
 
+Guard rules: a second ``pgguard serve`` (target ``guard``) runs with a policy this script
+writes (``GUARD_POLICY``, modelled on SPEC §3) and is logged into as a member of
+``ai-agents``, so every statement is judged. ``pgbench -S`` (simple, extended) and two
+distinct-statement workloads (custom pgbench scripts, simple mode) run through it and through
+the policy-less ``pgguard``, alternating; the report quotes guard/pass-through ratios.
+
 Usage::
 
     make bench                                # = scripts/bench.py --output docs/benchmarks.md
@@ -20,8 +26,8 @@ Usage::
     .venv/bin/python scripts/bench.py --duration 20 --rounds 3 --clients 1,8,32 --modes prepared
 
 Flags: --duration S (10), --rounds N (2), --workers N (1), --output FILE, --clients "1,8",
---modes "simple,extended,prepared", --skip-pgbouncer, --skip-pgguard, --idle-connections N
-(1000; 0 skips the memory test), --quick.
+--modes "simple,extended,prepared", --skip-pgbouncer, --skip-pgguard, --skip-guard (no guard-rules
+measurements), --idle-connections N (1000; 0 skips the memory test), --quick.
 
 Everything started here is stopped on exit, error or Ctrl-C.
 """
@@ -64,6 +70,59 @@ UPSTREAM_ROLE = "pgguard"
 BENCH_SUB = "bench-user"
 TARGETS = ("direct", "pgguard", "pgbouncer")
 MODES = ("simple", "extended", "prepared")
+# Guard rules: the identity pgbench logs in with, and the modes of the pgbench -S comparison.
+GUARD_SUB = "bench-agent"
+GUARD_GROUPS = ("ai-agents",)
+GUARD_MODES = ("simple", "extended")
+GUARD_DISTINCT_CLIENTS = 8
+# Modelled on the SPEC §3 example (and policies/demo.yaml), without masks and without
+# max_rows, so pgbench's results are neither rewritten nor capped. The limits entry pins
+# statement_timeout and default_transaction_read_only upstream; pgbench -S only reads.
+GUARD_POLICY = """\
+version: 1
+rules:
+  - name: ai-read-only
+    when: {groups: [ai-agents]}
+    match: {classes: [write, ddl, role, function, admin]}
+    action: deny
+    message: AI agents have read-only access
+  - name: no-unbounded-delete
+    match: {commands: [DELETE, UPDATE], without_where: true}
+    action: deny
+    message: DELETE and UPDATE need a WHERE clause
+  - name: orders-writes-need-approval
+    when: {groups: [developers]}
+    match: {classes: [write], tables: [public.orders]}
+    action: require_approval
+    approvers: [dba]
+    message: writes to public.orders need a DBA's approval
+  - name: no-secrets
+    when: {groups: [ai-agents, developers, analysts]}
+    match: {tables: ["vault.*"]}
+    action: deny
+    message: vault.* is for DBAs only
+defaults: {action: allow}
+limits:
+  - when: {groups: [ai-agents]}
+    statement_timeout: 30s
+    read_only: true
+"""
+# Distinct-statement workloads: (label, pgbench script). pgbench substitutes :n textually
+# only with -M simple; with -M extended every :var becomes a $n parameter (the alias t:n turns
+# into t$1 and the statement text never changes), so these run in simple mode only.
+GUARD_WORKLOADS = (
+    (
+        "1,000 shapes",
+        "\\set aid random(1, 100000 * :scale)\n"
+        "\\set n random(1, 1000)\n"
+        "SELECT abalance FROM pgbench_accounts t:n WHERE t:n.aid = :aid;\n",
+    ),
+    (
+        "every statement new",
+        "\\set aid random(1, 100000 * :scale)\n"
+        "SELECT abalance FROM pgbench_accounts t:aid WHERE t:aid.aid = :aid;\n",
+    ),
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
@@ -308,8 +367,18 @@ def pgguard_executable() -> str:
 
 
 def start_pgguard(
-    stack: ExitStack, workdir: Path, pg: EmbeddedPostgres, upstream_password: str, workers: int
+    stack: ExitStack,
+    workdir: Path,
+    pg: EmbeddedPostgres,
+    upstream_password: str,
+    workers: int,
+    *,
+    name: str = "pgguard",
+    policy: Path | None = None,
+    sub: str = BENCH_SUB,
+    groups: Sequence[str] = ("bench",),
 ) -> Target:
+    """``pgguard serve`` as target ``name``: no policy, or the policy file ``policy``."""
     from pgguard.identity import mint_token
 
     jwt_secret = secrets.token_urlsafe(32)
@@ -325,23 +394,23 @@ def start_pgguard(
             "sslmode": "disable",
         },
         "identity": {"algorithms": ["HS256"], "secret_env": "PGGUARD_JWT_SECRET"},
-        "policies": [],
+        "policies": [str(policy)] if policy is not None else [],
         "audit": {"url": None},
         "limits": {"max_connections": 2000, "drain_timeout": "2s"},
         "log": {"level": "warning"},
     }
-    config_path = workdir / "pgguard.yaml"
+    config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGGUARD_")}
     env.update(PGGUARD_JWT_SECRET=jwt_secret, PGGUARD_UPSTREAM_PASSWORD=upstream_password)
     argv = [pgguard_executable(), "serve", "--config", str(config_path), "--workers", str(workers)]
     log(f"starting {shlex.join(argv)}")
-    log_file = workdir / "pgguard.log"
-    service = Service("pgguard", spawn("pgguard", argv, env, log_file), log_file)
+    log_file = workdir / f"{name}.log"
+    service = Service(name, spawn(name, argv, env, log_file), log_file)
     stack.callback(service.stop)
     service.wait_listening("127.0.0.1", port)
-    token = mint_token(jwt_secret, BENCH_SUB, groups=["bench"], ttl=3600)
-    return Target("pgguard", "127.0.0.1", port, BENCH_SUB, token, service)
+    token = mint_token(jwt_secret, sub, groups=list(groups), ttl=3600)
+    return Target(name, "127.0.0.1", port, sub, token, service)
 
 
 def ensure_pgbouncer() -> tuple[str | None, str]:
@@ -428,9 +497,9 @@ ignore_startup_parameters = extra_float_digits
     return Target("pgbouncer", "127.0.0.1", port, UPSTREAM_ROLE, password, service)
 
 
-def check_connects(psql: str, target: Target) -> str | None:
-    """None when ``select 1`` works through ``target``, else the error."""
-    proc = subprocess.run(
+def psql_command(psql: str, target: Target, sql: str) -> subprocess.CompletedProcess[str]:
+    """``sql`` run by psql through ``target`` (unaligned, tuples only, stops on error)."""
+    return subprocess.run(
         [
             psql,
             "-X",
@@ -443,14 +512,21 @@ def check_connects(psql: str, target: Target) -> str | None:
             target.user,
             "-d",
             DBNAME,
+            "-v",
+            "ON_ERROR_STOP=1",
             "-c",
-            "select 1",
+            sql,
         ],
         capture_output=True,
         text=True,
         env=target.env(),
         timeout=30,
     )
+
+
+def check_connects(psql: str, target: Target) -> str | None:
+    """None when ``select 1`` works through ``target``, else the error."""
+    proc = psql_command(psql, target, "select 1")
     if proc.returncode == 0 and proc.stdout.strip() == "1":
         return None
     return (proc.stderr or proc.stdout).strip() or f"psql exited {proc.returncode}"
@@ -472,6 +548,8 @@ class Cell:
     mode: str
     clients: int
     runs: dict[str, list[Run]] = field(default_factory=dict)
+    workload: str = "-S"  # a label: -S, or a custom script's
+    script: Path | None = None  # a custom pgbench script (-f) instead of -S
 
     def tps(self, target: str) -> float | None:
         values = [r.tps for r in self.runs.get(target, []) if r.tps is not None]
@@ -486,11 +564,21 @@ def jobs_for(clients: int) -> int:
     return 1 if clients <= 1 else 2
 
 
-def pgbench_argv(pgbench: str, target: Target, mode: str, clients: int, duration: int) -> list[str]:
+def pgbench_argv(
+    pgbench: str,
+    target: Target,
+    mode: str,
+    clients: int,
+    duration: int,
+    script: Path | None = None,
+) -> list[str]:
+    # -D scale: a custom script's :scale is 1 unless given (pgbench reads it from
+    # pgbench_branches for its built-in scripts only).
+    workload = ["-S"] if script is None else ["-f", str(script), "-D", f"scale={SCALE}"]
     return [
         pgbench,
         "-n",
-        "-S",
+        *workload,
         "-M",
         mode,
         "-c",
@@ -509,8 +597,15 @@ def pgbench_argv(pgbench: str, target: Target, mode: str, clients: int, duration
     ]
 
 
-def run_pgbench(pgbench: str, target: Target, mode: str, clients: int, duration: int) -> Run:
-    argv = pgbench_argv(pgbench, target, mode, clients, duration)
+def run_pgbench(
+    pgbench: str,
+    target: Target,
+    mode: str,
+    clients: int,
+    duration: int,
+    script: Path | None = None,
+) -> Run:
+    argv = pgbench_argv(pgbench, target, mode, clients, duration, script)
     pids = target.service.pids() if target.service is not None else []
     cpu_before = cpu_seconds(pids)
     try:
@@ -540,17 +635,187 @@ def run_matrix(
     cells = []
     for mode in modes:
         for clients in clients_list:
-            cell = Cell(mode, clients, {t.name: [] for t in targets})
-            for round_no in range(1, rounds + 1):
-                for target in targets:
-                    run = run_pgbench(pgbench, target, mode, clients, duration)
-                    cell.runs[target.name].append(run)
-                    shown = f"{run.tps:,.0f} tps" if run.tps is not None else f"FAILED {run.error}"
-                    if run.cpu_us_per_tx is not None:
-                        shown += f", {run.cpu_us_per_tx:.1f} µs CPU/tx"
-                    log(f"-M {mode} -c {clients} round {round_no} {target.name}: {shown}")
+            cell = Cell(mode, clients)
+            run_cell(pgbench, targets, cell, duration, rounds)
             cells.append(cell)
     return cells
+
+
+def run_cell(pgbench: str, targets: list[Target], cell: Cell, duration: int, rounds: int) -> None:
+    """``rounds`` runs of ``cell`` against each of ``targets``, alternating, into cell.runs."""
+    for target in targets:
+        cell.runs.setdefault(target.name, [])
+    what = f"-M {cell.mode} -c {cell.clients}"
+    if cell.script is not None:
+        what = f"{cell.workload} {what}"
+    for round_no in range(1, rounds + 1):
+        for target in targets:
+            run = run_pgbench(pgbench, target, cell.mode, cell.clients, duration, cell.script)
+            cell.runs[target.name].append(run)
+            shown = f"{run.tps:,.0f} tps" if run.tps is not None else f"FAILED {run.error}"
+            if run.cpu_us_per_tx is not None:
+                shown += f", {run.cpu_us_per_tx:.1f} µs CPU/tx"
+            log(f"{what} round {round_no} {target.name}: {shown}")
+
+
+# --------------------------------------------------------------------------- guard rules
+
+
+@dataclass
+class GuardResult:
+    policy: str  # the policy file's text
+    warnings: list[str] = field(default_factory=list)  # from pgguard policy check
+    checks: list[str] = field(default_factory=list)  # what was verified before measuring
+    cells: list[Cell] = field(default_factory=list)  # pgbench -S, pgguard vs guard
+    distinct: list[Cell] = field(default_factory=list)  # custom scripts, pgguard vs guard
+    problems: list[str] = field(default_factory=list)  # failed checks and runs, with log tails
+
+
+def check_guard_policy(policy_path: Path) -> list[str]:
+    """``pgguard policy check`` on the policy file: its warnings; a BenchError on errors."""
+    import json
+
+    proc = subprocess.run(
+        [pgguard_executable(), "policy", "check", "--json", str(policy_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        result = None
+    if proc.returncode != 0 or not isinstance(result, dict) or not result.get("ok"):
+        detail = result.get("errors") if isinstance(result, dict) else None
+        raise BenchError(
+            f"pgguard policy check {policy_path} failed ({proc.returncode}): "
+            + (json.dumps(detail) if detail else (proc.stderr or proc.stdout).strip()[-2000:])
+        )
+    return [str(w) for w in result.get("warnings", [])]
+
+
+def start_guard(
+    stack: ExitStack, workdir: Path, pg: EmbeddedPostgres, upstream_password: str, workers: int
+) -> tuple[Target, GuardResult]:
+    """The ``guard`` target: pgguard with GUARD_POLICY, logged into as an ai-agents member."""
+    policy_path = workdir / "guard-policy.yaml"
+    policy_path.write_text(GUARD_POLICY)
+    result = GuardResult(GUARD_POLICY, warnings=check_guard_policy(policy_path))
+    for warning in result.warnings:
+        log(f"guard policy warning: {warning}")
+    target = start_pgguard(
+        stack,
+        workdir,
+        pg,
+        upstream_password,
+        workers,
+        name="guard",
+        policy=policy_path,
+        sub=GUARD_SUB,
+        groups=GUARD_GROUPS,
+    )
+    return target, result
+
+
+def guard_log_tail(target: Target, lines: int = 20) -> str:
+    return _tail(target.service.log_file, lines) if target.service else "(no log)"
+
+
+def verify_guard(psql: str, guard: Target, result: GuardResult) -> None:
+    """Check that the policy is in force for the bench identity before measuring it.
+
+    A failed check is a problem in the report, not an error: the numbers are still
+    produced, but they do not measure what they claim to.
+    """
+    problem = check_connects(psql, guard)
+    if problem is not None:
+        raise BenchError(
+            f"cannot run select 1 through the guard (policy, {GUARD_SUB} in "
+            f"{', '.join(GUARD_GROUPS)}): {problem}\n" + guard_log_tail(guard)
+        )
+
+    def expect(what: str, sql: str, ok: Callable[[int, str, str], bool]) -> None:
+        proc = psql_command(psql, guard, sql)
+        out, err = proc.stdout.strip(), proc.stderr.strip()
+        shown = (err or out).replace("\n", " ")[:200]
+        if ok(proc.returncode, out, err):
+            result.checks.append(f"{what}: `{sql}` → {shown or 'ok'}")
+        else:
+            result.problems.append(
+                f"check failed, {what}: `{sql}` → exit {proc.returncode}: {shown}"
+            )
+
+    expect(
+        "a write is refused by ai-read-only",
+        "UPDATE pgbench_branches SET bbalance = bbalance WHERE bid = 1",
+        lambda rc, _out, err: rc != 0 and "ai-read-only" in err,
+    )
+    expect(
+        "vault.* is refused by no-secrets (the schema need not exist)",
+        "SELECT * FROM vault.api_keys",
+        lambda rc, _out, err: rc != 0 and "no-secrets" in err,
+    )
+    expect(
+        "limits pin the read-only clamp",
+        "SHOW default_transaction_read_only",
+        lambda rc, out, _err: rc == 0 and out == "on",
+    )
+    expect(
+        "limits pin statement_timeout",
+        "SHOW statement_timeout",
+        lambda rc, out, _err: rc == 0 and out == "30s",
+    )
+    expect(
+        "the distinct-statement shape is allowed",
+        "SELECT abalance FROM pgbench_accounts t7 WHERE t7.aid = 1",
+        lambda rc, out, _err: rc == 0 and out.lstrip("-").isdigit(),
+    )
+    if result.problems:
+        for p in result.problems:
+            log(p)
+        result.problems.append("guard log tail:\n" + guard_log_tail(guard))
+
+
+def note_failures(cell: Cell, targets: list[Target], result: GuardResult) -> None:
+    """Failed runs of ``cell`` become problems, with the failing target's log tail."""
+    for target in targets:
+        failed = [r for r in cell.runs.get(target.name, []) if r.error]
+        if failed:
+            what = f"{cell.workload} -M {cell.mode} -c {cell.clients} through {target.name}"
+            result.problems.append(
+                f"{len(failed)} run(s) of {what} failed: {failed[0].error}\n"
+                f"{target.name} log tail:\n{guard_log_tail(target)}"
+            )
+            log(result.problems[-1])
+
+
+def run_guard(
+    pgbench: str,
+    plain: Target,
+    guard: Target,
+    result: GuardResult,
+    workdir: Path,
+    clients_list: list[int],
+    duration: int,
+    rounds: int,
+) -> None:
+    """pgbench -S and the distinct-statement scripts through ``plain`` and ``guard``."""
+    targets = [plain, guard]
+    for mode in GUARD_MODES:
+        for clients in clients_list:
+            cell = Cell(mode, clients)
+            run_cell(pgbench, targets, cell, duration, rounds)
+            note_failures(cell, targets, result)
+            result.cells.append(cell)
+    script_dir = workdir / "guard-scripts"
+    script_dir.mkdir(exist_ok=True)
+    for index, (label, text) in enumerate(GUARD_WORKLOADS):
+        script = script_dir / f"workload-{index}.sql"
+        script.write_text(text)
+        cell = Cell("simple", GUARD_DISTINCT_CLIENTS, workload=label, script=script)
+        run_cell(pgbench, targets, cell, duration, rounds)
+        note_failures(cell, targets, result)
+        result.distinct.append(cell)
 
 
 # --------------------------------------------------------------------------- idle connections
@@ -672,6 +937,8 @@ class Context:
     notes: list[str]
     cells: list[Cell] = field(default_factory=list)
     memory: list[Memory] = field(default_factory=list)
+    guard: GuardResult | None = None
+    guard_skipped: str = ""  # why the guard-rules measurements were not made
 
 
 def _first_line(argv: list[str]) -> str:
@@ -760,6 +1027,10 @@ def section_header(ctx: Context) -> str:
         "- pgbouncer: pool_mode session (pgguard holds one upstream session per client too), "
         "SCRAM auth, plaintext, connection logging off.",
         "- direct: PostgreSQL itself over TCP on loopback, SCRAM auth.",
+        "- guard: a second `pgguard serve` like pgguard but with a policy, logged into as a "
+        "member of ai-agents (see Guard rules)."
+        if ctx.guard is not None
+        else f"- guard: not run ({ctx.guard_skipped}).",
         "",
         "Machine:",
         "",
@@ -907,11 +1178,139 @@ def section_memory(ctx: Context) -> str:
     return "\n".join(lines)
 
 
+def _guard_rows(cells: list[Cell], first: Callable[[Cell], list[str]]) -> list[list[str]]:
+    rows = []
+    for cell in cells:
+        p, g = cell.tps("pgguard"), cell.tps("guard")
+        pc, gc = cell.cpu("pgguard"), cell.cpu("guard")
+        rows.append(
+            [
+                *first(cell),
+                fmt_tps(p),
+                fmt_tps(g),
+                fmt_ratio(g, p),
+                fmt_us(pc),
+                fmt_us(gc),
+                f"{gc - pc:+.1f}" if pc is not None and gc is not None else "n/a",
+            ]
+        )
+    return rows
+
+
+GUARD_COLUMNS = [
+    "pgguard TPS",
+    "guard TPS",
+    "guard/pgguard",
+    "pgguard CPU µs/tx",
+    "guard CPU µs/tx",
+    "guard CPU extra µs/tx",
+]
+
+
+def section_guard(ctx: Context) -> str:
+    lines = ["## Guard rules (pgbench -S, and distinct statements)", ""]
+    result = ctx.guard
+    if result is None:
+        return "\n".join([*lines, f"Not measured: {ctx.guard_skipped}."])
+    a = ctx.args
+    lines += [
+        "`guard` is a second `pgguard serve` (same flags as `pgguard`) with the policy below: "
+        "the four rules of the SPEC §3 example and a limits entry for ai-agents "
+        "(statement_timeout 30s, read-only clamp; no max_rows and no masks, so results are "
+        "neither capped nor rewritten). pgbench logs in with a token for "
+        f"`{GUARD_SUB}`, groups {', '.join(GUARD_GROUPS)}, so every statement is judged. "
+        "`pgguard` is the policy-less pass-through target of the tables above (with no "
+        "policy nothing is analysed). The guard parses each statement text it has not seen "
+        "with pglast, analyses it (classes, tables and functions resolved against the "
+        "catalog and the search_path), decides, and caches the facts by exact text and, for "
+        "plain reads, by pglast fingerprint, so reads that differ only in their literals are "
+        "analysed once; each session also remembers its verdict per text. Runs alternate "
+        f"pgguard → guard, {a.rounds} round(s) of {a.duration} s; medians quoted. "
+        "`guard CPU extra µs/tx` is the guard's CPU per transaction minus pgguard's: the "
+        "cost of judging. Target (issue 3): guard/pgguard ≥ 0.9 for pgbench -S, simple "
+        "and extended.",
+        "",
+        "### pgbench -S",
+        "",
+        table(
+            ["mode", "clients", *GUARD_COLUMNS],
+            _guard_rows(result.cells, lambda c: [c.mode, str(c.clients)]),
+        ),
+        "",
+        "### Distinct statements",
+        "",
+        "Custom pgbench scripts (`-f`, `-M simple`, "
+        f"`-c {GUARD_DISTINCT_CLIENTS} -j {jobs_for(GUARD_DISTINCT_CLIENTS)}`), the same "
+        "script through both targets:",
+        "",
+        "- **1,000 shapes**: `SELECT abalance FROM pgbench_accounts t:n WHERE t:n.aid = :aid` "
+        "with `n` random from 1 to 1,000: the alias gives 1,000 statement shapes (1,000 pglast "
+        "fingerprints), and the literal makes nearly every text new, so the text cache "
+        "misses and the fingerprint cache answers once each shape has been seen.",
+        "- **every statement new**: the alias is `t:aid` (`aid` random from 1 to "
+        f"{100000 * SCALE:,}), so nearly every statement has a shape never seen before and is "
+        "parsed and analysed from scratch: the worst case.",
+        "",
+        "Extended mode is not measured here: with `-M extended` pgbench turns every `:var` "
+        "into a `$n` parameter at script load (the alias `t:n` becomes `t$1`), so the "
+        "statement text never changes and there is nothing distinct to measure (pgbench "
+        "allows at most 128 scripts, too few for 1,000 shapes).",
+        "",
+        table(
+            ["workload", "mode", "clients", *GUARD_COLUMNS],
+            _guard_rows(result.distinct, lambda c: [c.workload, c.mode, str(c.clients)]),
+            text_columns=3,
+        ),
+    ]
+    raw_rows = []
+    for cell in result.cells + result.distinct:
+        for target, runs in cell.runs.items():
+            raw_rows.append(
+                [
+                    cell.workload,
+                    cell.mode,
+                    str(cell.clients),
+                    target,
+                    ", ".join(fmt_tps(r.tps) if r.tps is not None else "failed" for r in runs),
+                ]
+            )
+    lines += [
+        "",
+        "Checked through `guard` before measuring:",
+        "",
+        *[f"- {check}" for check in result.checks],
+    ]
+    if result.warnings:
+        lines += ["", "`pgguard policy check` warnings:", ""]
+        lines += [f"- {w}" for w in result.warnings]
+    if result.problems:
+        lines += ["", "Problems:", ""]
+        for problem in result.problems:
+            head, _, tail = problem.partition("\n")
+            lines.append(f"- {head}")
+            if tail:
+                lines += ["", "  ```", *[f"  {line}" for line in tail.splitlines()], "  ```"]
+    lines += [
+        "",
+        "<details><summary>Every run (TPS, in run order) and the policy</summary>",
+        "",
+        table(["workload", "mode", "clients", "target", "TPS per round"], raw_rows, 4),
+        "",
+        "```yaml",
+        result.policy.rstrip(),
+        "```",
+        "",
+        "</details>",
+    ]
+    return "\n".join(lines)
+
+
 # Sections in document order; a later benchmark appends its own function here.
 SECTIONS: list[Callable[[Context], str]] = [
     section_header,
     section_how_to_read,
     section_passthrough,
+    section_guard,
     section_memory,
 ]
 
@@ -953,6 +1352,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-pgguard", action="store_true", help="leave pgguard out (tests the harness)"
     )
+    parser.add_argument(
+        "--skip-guard",
+        action="store_true",
+        help="leave out the guard-rules measurements (pgguard with a policy)",
+    )
     parser.add_argument("--clients", type=_csv_ints, default=[1, 8], help='e.g. "1,8" (default)')
     parser.add_argument(
         "--modes",
@@ -963,7 +1367,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--idle-connections", type=int, default=1000, help="connections for the memory test"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: --duration 3 --rounds 1")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: --duration 3 --rounds 1 (guard rules included, unless --skip-guard)",
+    )
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = 3 if args.quick else 10
@@ -1033,6 +1441,17 @@ def run(args: argparse.Namespace, command: str) -> Context:
         else:
             notes.append("pgguard was skipped (--skip-pgguard).")
 
+        guard_target: Target | None = None
+        guard_result: GuardResult | None = None
+        guard_skipped = ""
+        if args.skip_guard:
+            guard_skipped = "--skip-guard"
+        elif args.skip_pgguard:
+            guard_skipped = "--skip-pgguard: the guard is compared with pgguard"
+        else:
+            guard_target, guard_result = start_guard(stack, workdir, pg, password, args.workers)
+            verify_guard(psql, guard_target, guard_result)
+
         pgbouncer_exe: str | None = None
         if args.skip_pgbouncer:
             notes.append("pgbouncer was skipped (--skip-pgbouncer).")
@@ -1058,6 +1477,7 @@ def run(args: argparse.Namespace, command: str) -> Context:
             machine=machine_info(pg, pgbouncer_exe),
             targets=[t.name for t in targets],
             notes=notes,
+            guard_skipped=guard_skipped,
         )
         ctx.machine["load average 1/5/15 min, at start"] = load_at_start
         log("warming up (direct, 3 s)")
@@ -1065,6 +1485,19 @@ def run(args: argparse.Namespace, command: str) -> Context:
         ctx.cells = run_matrix(
             pgbench, targets, args.modes, args.clients, args.duration, args.rounds
         )
+        if guard_target is not None and guard_result is not None:
+            wait_backends_gone(pg)
+            run_guard(
+                pgbench,
+                targets[1],
+                guard_target,
+                guard_result,
+                workdir,
+                args.clients,
+                args.duration,
+                args.rounds,
+            )
+            ctx.guard = guard_result
         if args.idle_connections:
             for target in targets:
                 if target.service is not None:

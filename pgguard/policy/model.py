@@ -244,6 +244,7 @@ def _command_classes() -> dict[str, frozenset[str]]:
         table[tag] = ddl
     for tag in _ROLE_TAGS:
         table[tag] = frozenset({"role", "ddl", "admin"})
+    table["DROP OWNED"] |= {"write"}  # it drops the roles' tables
     for tag in _ADMIN_TAGS:
         table[tag] = frozenset({"admin", "ddl", "write", "function"})
     table["TRUNCATE TABLE"] = frozenset({"write", "ddl", "admin", "function"})

@@ -19,6 +19,7 @@ from typing import cast
 from pgguard.policy.identity_guard import Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
+    Bind,
     CommandComplete,
     DataRow,
     ErrorResponse,
@@ -31,11 +32,12 @@ from pgguard.protocol.messages import (
 )
 
 # Type bytes as ints, for the hot path.
-_Q, _P, _S, _F, _X, _H = 81, 80, 83, 70, 88, 72
+_Q, _P, _S, _F, _X, _H, _B = 81, 80, 83, 70, 88, 72, 66
 _Z = 90
 
-# Intercepted types. Client: Query, Parse, Sync, FunctionCall, Terminate.
-CLIENT_INTERCEPT = b"QPSFX"
+# Intercepted types. Client: Query, Parse, Sync, FunctionCall, Terminate, Bind (a prepared
+# statement is judged again at each Bind: the policy or search_path may have changed).
+CLIENT_INTERCEPT = b"QPSFXB"
 # Server: ReadyForQuery, ErrorResponse (to put refusals in their place), ParameterStatus
 # (a setting that changes how the server reads SQL ends the session).
 SERVER_INTERCEPT = b"ZES"
@@ -92,6 +94,7 @@ class RelayCore:
         "_seq",
         "_server",
         "_server_table",
+        "_statements",
         "_verdicts",
         "cancel_requested",
         "closing",
@@ -115,6 +118,7 @@ class RelayCore:
         self._refusals: dict[str, Refusal] = {}
         self._seq = 0
         self._verdicts: dict[bytes, Refusal | object | None] = {}
+        self._statements: dict[bytes, bytes] = {}  # prepared statement name → its SQL
         self.epoch: list[int] | None = None  # shared cell: verdicts are stale when it moves
         self._epoch_seen = 0
         self._client = Scanner(CLIENT_INTERCEPT, max_message_bytes)
@@ -190,19 +194,26 @@ class RelayCore:
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
             if t == _Q:
                 self.pending += 1
-                sql = buf[pos + 5 : end - 1]
-            else:  # Parse
+                sql: bytes | None = buf[pos + 5 : end - 1]
+            else:  # Parse or Bind: a name (portal for Bind), then the statement's name or SQL
                 i = buf.find(0, pos + 5, end)
                 j = buf.find(0, i + 1, end) if i >= 0 else -1
                 if j < 0:
-                    raise ProtocolError("Parse: unterminated string")
-                sql = buf[i + 1 : j]
+                    raise ProtocolError("Parse/Bind: unterminated string")
+                if t == _P:
+                    sql = buf[i + 1 : j]
+                    self._statements[buf[pos + 5 : i]] = sql
+                else:
+                    sql = self._statements.get(buf[i + 1 : j])
+                    if sql is None:
+                        continue  # unknown statement: the server reports it
+            assert sql is not None
             refusal = self._verdict(sql)
             if refusal is not None:
                 if out is None:
                     out = []
                 out.append(buf[prev:pos])
-                out.append(self._substitute_message(buf[pos:end], refusal, t == _P))
+                out.append(self._substitute_message(buf[pos:end], refusal, t))
                 prev = end
         if out is None:
             return buf if cut == len(buf) else buf[:cut]
@@ -224,13 +235,16 @@ class RelayCore:
             cache[sql] = refusal
         return cast(Refusal | None, refusal)
 
-    def _substitute_message(self, raw: bytes, refusal: Refusal, is_parse: bool) -> bytes:
-        """A Query/Parse the server will fail with a unique syntax error (see ``__init__``)."""
+    def _substitute_message(self, raw: bytes, refusal: Refusal, t: int) -> bytes:
+        """A message the server will fail with an error naming a unique marker (see
+        ``__init__``): a syntax error for Query/Parse, an unknown statement for Bind."""
         token = self._substitute(refusal)
-        if is_parse:
-            name = raw[5 : raw.find(0, 5)].decode("utf-8", "surrogateescape")
+        if t == _Q:
+            return Query(token).encode()
+        name = raw[5 : raw.find(0, 5)].decode("utf-8", "surrogateescape")
+        if t == _P:
             return Parse(name, token, ()).encode()
-        return Query(token).encode()
+        return Bind(name, token).encode()
 
     def _substitute(self, refusal: Refusal) -> str:
         self._seq += 1

@@ -286,7 +286,10 @@ def test_new_function_is_judged_after_ddl(guarded: Gateway, pg: PgServer) -> Non
         conn.execute("select fresh_fn()")
 
 
-def test_policy_reload_on_sighup_and_invalid_policy_kept_out(pg: PgServer, tmp_path: Path) -> None:
+def test_policy_reload_on_sighup_and_invalid_policy_kept_out(
+    guarded: Gateway, pg: PgServer, tmp_path: Path
+) -> None:
+    del guarded  # only for its schema
     policy = tmp_path / "p.yaml"
     policy.write_text("version: 1\nrules: []\n")
     gw = Gateway(pg, tmp_path / "gw", overrides={"policies": [str(policy)]})
@@ -398,6 +401,6 @@ def test_policy_reloads_when_its_file_changes(
                     break
                 time.sleep(0.3)
             else:
-                pytest.fail("the changed policy file was not picked up")
+                pytest.fail("the changed policy file was not picked up:\n" + gw.read_log())
     finally:
         gw.stop()

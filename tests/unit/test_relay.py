@@ -219,3 +219,40 @@ def test_no_row_limit_leaves_rows_alone() -> None:
     core.from_client(m.Query("select x from t").encode())
     reply = _select_reply(50)
     assert core.from_server(reply) == reply
+
+
+def test_bind_of_a_prepared_statement_is_judged_again() -> None:
+    from pgguard.policy.identity_guard import Refusal
+
+    allowed = {"yes"}
+    verdicts: list[str] = []
+
+    def hook(sql: str) -> Refusal | None:
+        verdicts.append(sql)
+        return None if "yes" in allowed else Refusal("later-rule", "no longer allowed")
+
+    epoch = [0]
+    core = RelayCore(LIMIT, hook)
+    core.epoch = epoch
+    parse = m.Parse("s1", "select 1", ()).encode()
+    bind = m.Bind("", "s1", (), (), ()).encode() + m.Execute("", 0).encode() + m.Sync().encode()
+    assert core.from_client(parse + bind) == parse + bind
+    # The policy changes (the epoch moves): the next Bind of s1 is refused.
+    allowed.clear()
+    epoch[0] += 1
+    sent = core.from_client(bind)
+    assert sent != bind
+    reader = MessageReader(LIMIT)
+    reader.feed(sent)
+    first = reader.next_message()
+    assert first is not None and first[0] == b"B"
+    substituted = m.Bind.decode_body(first[1])
+    assert substituted.statement.startswith("pgguard_refused_")
+    error = m.ErrorResponse(
+        m.error_fields(
+            "ERROR", "26000", f'prepared statement "{substituted.statement}" does not exist'
+        )
+    ).encode()
+    [err] = [x for x in decode_all(core.from_server(error)) if isinstance(x, m.ErrorResponse)]
+    assert err.sqlstate == "42501"
+    assert err.message == "pgguard: later-rule: no longer allowed"
