@@ -8,8 +8,9 @@ statements; the relay calls it for every Query and Parse it has not judged befor
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pglast import parser
 
@@ -31,6 +32,12 @@ READ_ONLY_SETTINGS = frozenset({"default_transaction_read_only", "transaction_re
 # Commands whose analysis does not depend on literal values, so one analysis serves every
 # statement with the same fingerprint (pgbench -S and ORMs send a new literal each time).
 _SHAPE_CACHEABLE = frozenset({"SELECT"})
+# Texts made only of these characters cannot hold a string, a quoted identifier, a
+# dollar-quote, a cast or a parameter; two of them that differ only in their numeric
+# literals tokenize the same but for those constants, so a plain read judged once is judged
+# for all of them. This spares the fingerprint (the dominant cost) on e.g. pgbench -S.
+_PLAIN_TEXT = re.compile(r"[\w\s,.*=()<>+\-/;]*\Z", re.ASCII)
+_NUMBER = re.compile(r"\b\d+(?:\.\d*)?(?:[eE][-+]?\d+)?\b", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +60,14 @@ class GuardState:
         self.epoch = [0]  # a mutable cell the relay compares against its verdict cache
         self.catalogs: dict[str, CatalogSnapshot] = {}
         self.catalog_versions: dict[str, int] = {}
-        self._cache: dict[tuple[object, ...], tuple[StatementFacts, ...]] = {}
+        # Two caches, so that a stream of new texts cannot flush the shapes.
+        self._exact: dict[tuple[object, ...], tuple[StatementFacts, ...]] = {}
+        self._shapes: dict[tuple[object, ...], tuple[StatementFacts, ...]] = {}
 
     def _bump(self) -> None:
         self.epoch[0] += 1
-        self._cache.clear()
+        self._exact.clear()
+        self._shapes.clear()
 
     def set_policy(self, policy: Policy | None) -> None:
         self.policy = policy
@@ -74,24 +84,21 @@ class GuardState:
     def analyse(
         self, database: str, search_path: tuple[str, ...], current_user: str, sql: str
     ) -> tuple[StatementFacts, ...]:
-        """Facts for ``sql``, cached by text, and by fingerprint where literals don't matter."""
-        version = self.catalog_versions.get(database, 0)
-        context = (database, search_path, current_user, version)
-        key = (*context, sql)
-        cache = self._cache
-        hit = cache.get(key)
+        """Facts for ``sql``: cached by fingerprint for plain reads (whose facts cannot depend
+        on a literal), else by exact text. A fingerprint hit returns the facts of the first
+        statement of that shape, so ``facts.sql`` may hold another literal."""
+        context = (database, search_path, current_user, self.catalog_versions.get(database, 0))
+        key = (context, sql)
+        hit = self._exact.get(key)
         if hit is not None:
             return hit
         try:
             fingerprint: str | None = parser.fingerprint(sql)
         except parser.ParseError:
             fingerprint = None
-        shape_key = (*context, "fp", fingerprint)
         if fingerprint is not None:
-            template = cache.get(shape_key)
-            if template is not None:
-                shaped: tuple[StatementFacts, ...] = (replace(template[0], sql=sql),)
-                self._store(key, shaped)
+            shaped = self._shapes.get((context, fingerprint))
+            if shaped is not None:
                 return shaped
         facts = tuple(
             analyse(
@@ -102,15 +109,21 @@ class GuardState:
                 current_user=current_user,
             )
         )
-        self._store(key, facts)
         if fingerprint is not None and _shape_cacheable(facts):
-            self._store(shape_key, facts)
+            _bounded_store(self._shapes, (context, fingerprint), facts)
+        else:
+            _bounded_store(self._exact, key, facts)
         return facts
 
-    def _store(self, key: tuple[object, ...], facts: tuple[StatementFacts, ...]) -> None:
-        if len(self._cache) >= _CACHE_SIZE:
-            self._cache.clear()
-        self._cache[key] = facts
+
+def _bounded_store(
+    cache: dict[tuple[object, ...], tuple[StatementFacts, ...]],
+    key: tuple[object, ...],
+    facts: tuple[StatementFacts, ...],
+) -> None:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = facts
 
 
 def policy_in_force(policy: Policy | None) -> Policy | None:
@@ -155,6 +168,9 @@ class SessionGuard:
         self.search_path = search_path
         self.default_search_path = search_path
         self.pending_paths: list[tuple[str, ...]] = []
+        self._decided: dict[int, tuple[tuple[StatementFacts, ...], Decision]] = {}
+        self._decided_epoch = state.epoch[0]
+        self._plain: dict[str, Judgement] = {}  # judgements of plain reads, by literal-free text
         # SQL-level PREPAREs of this session, so that EXECUTE is judged as what it runs.
         self.prepared: dict[str, StatementFacts] = {}
         self.current_user = current_user
@@ -191,6 +207,28 @@ class SessionGuard:
         return judgement.refusal
 
     def judge(self, sql: str) -> Judgement:
+        if self._decided_epoch != self.state.epoch[0]:
+            self._decided.clear()
+            self._plain.clear()
+            self._decided_epoch = self.state.epoch[0]
+        plain_key = None
+        if not self.pending_paths and _PLAIN_TEXT.match(sql):
+            plain_key = _NUMBER.sub("?", sql)
+            known = self._plain.get(plain_key)
+            if known is not None:
+                return known
+        judgement = self._judge(sql)
+        if (
+            plain_key is not None
+            and judgement.refusal is None
+            and _shape_cacheable(judgement.facts)
+        ):
+            if len(self._plain) >= 4096:
+                self._plain.clear()
+            self._plain[plain_key] = judgement
+        return judgement
+
+    def _judge(self, sql: str) -> Judgement:
         refusal = check_identity(sql, self.role_mapped, self.pinned, self.read_only)
         if refusal is not None:
             return Judgement((), None, refusal)
@@ -206,7 +244,7 @@ class SessionGuard:
             return Judgement(
                 (), None, Refusal("parser", f"statement could not be analysed: {exc}", "42601")
             )
-        decisions = [decide_many(policy, self.identity, self.database, f) for f in judged]
+        decisions = [self._decide(policy, f) for f in judged]
         decision = max(decisions, key=lambda d: d.severity)
         facts = judged[decisions.index(decision)]
         if decision.audit_only_rules:
@@ -219,6 +257,17 @@ class SessionGuard:
         if refusal is None:
             self._note_effects(facts)
         return Judgement(facts, decision, refusal)
+
+    def _decide(self, policy: Policy, facts: tuple[StatementFacts, ...]) -> Decision:
+        """decide_many, remembered per facts object (cached facts are shared objects)."""
+        entry = self._decided.get(id(facts))
+        if entry is not None and entry[0] is facts:
+            return entry[1]
+        decision = decide_many(policy, self.identity, self.database, facts)
+        if len(self._decided) >= 4096:
+            self._decided.clear()
+        self._decided[id(facts)] = (facts, decision)
+        return decision
 
     def _analyse(self, path: tuple[str, ...], sql: str) -> tuple[StatementFacts, ...]:
         if self.prepared and "execute" in sql.lower():
@@ -241,6 +290,7 @@ class SessionGuard:
         stays a candidate until the block ends."""
         previous = self.search_path
         self.search_path = effective_search_path(setting, self.current_user)
+        self._plain.clear()
         self.pending_paths = [previous] if in_transaction and previous != self.search_path else []
 
     def _note_effects(self, facts: Sequence[StatementFacts]) -> None:
