@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# No PostgreSQL server binaries on this machine: take them from the pgserver wheel.
+	$(BIN)/python -c 'from pgguard.embedded import find_bindir; find_bindir()' 2>/dev/null \
+		|| $(BIN)/python -m pip install --quiet 'pgserver>=0.1.4'
 	touch $(STAMP)
 
 venv: $(STAMP)
