@@ -1,0 +1,177 @@
+"""Statement-level bookkeeping for the audit trail: which statement each server reply ends.
+
+Sans-IO. The relay tells the tracker what the client sent (Query, Parse, Bind, Execute,
+FunctionCall, Sync) and what the server answered (CommandComplete, EmptyQueryResponse,
+PortalSuspended, ErrorResponse, ReadyForQuery); the tracker returns one ``StatementRun`` per
+statement once its outcome is known. A multi-statement Query yields one run per statement;
+statements the server skipped after an error are reported as not executed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from pglast import parser
+
+
+@dataclass(frozen=True, slots=True)
+class StatementRun:
+    """One statement, from the moment it was sent to the moment its outcome was known."""
+
+    protocol: str  # "simple" | "extended" | "function"
+    statement: str
+    started: float
+    statement_name: str | None = None
+    portal: str | None = None
+    params: tuple[bytes | None, ...] = ()
+    param_formats: tuple[int, ...] = ()
+    batch: int = 0  # the Query or Sync this statement belongs to
+    ended: float | None = None
+    command_tag: str | None = None
+    rows: int | None = None
+    sqlstate: str | None = None
+    error: str | None = None
+    executed: bool = True
+
+    @property
+    def duration_ms(self) -> float | None:
+        return None if self.ended is None else (self.ended - self.started) * 1000.0
+
+    @property
+    def command(self) -> str | None:
+        """The command of the tag: "SELECT" of "SELECT 5", "CREATE TABLE" of "CREATE TABLE"."""
+        if not self.command_tag:
+            return None
+        words = self.command_tag.split()
+        while words and words[-1].isdigit():
+            words.pop()
+        return " ".join(words) or None
+
+
+def rows_of(tag: str) -> int | None:
+    """Rows affected or returned, from a command tag ("INSERT 0 5" → 5, "SELECT 3" → 3)."""
+    last = tag.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() and " " in tag else None
+
+
+def split_statements(sql: str) -> list[str]:
+    """Each statement's text; the whole string if it does not parse (the server will say)."""
+    try:
+        spans = parser.split(sql, with_parser=True, only_slices=True)
+        parts = [sql[span].strip() for span in spans]
+    except parser.ParseError:
+        return [sql]
+    parts = [p for p in parts if p]
+    return parts or [sql]
+
+
+@dataclass
+class _Prepared:
+    sql: str
+    portals: dict[str, tuple[str, tuple[bytes | None, ...], tuple[int, ...]]] = field(
+        default_factory=dict
+    )
+
+
+class StatementTracker:
+    """Matches the server's replies to the statements the client sent, in order."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._batch = 0
+        self._queue: deque[StatementRun] = deque()
+        self._statements: dict[str, str] = {}  # prepared statement name → SQL
+        # portal → (statement name, params, formats)
+        self._portals: dict[str, tuple[str, tuple[bytes | None, ...], tuple[int, ...]]] = {}
+        self._ready: deque[int] = deque()  # the batch each expected ReadyForQuery ends
+
+    # ------------------------------------------------------------------ client side
+    def query(self, sql: str) -> None:
+        self._batch += 1
+        self._ready.append(self._batch)
+        now = self._clock()
+        for text in split_statements(sql):
+            self._queue.append(StatementRun("simple", text, now, batch=self._batch))
+
+    def parse(self, name: str, sql: str) -> None:
+        self._statements[name] = sql
+
+    def bind(
+        self,
+        portal: str,
+        statement: str,
+        params: Sequence[bytes | None],
+        formats: Sequence[int],
+    ) -> None:
+        self._portals[portal] = (statement, tuple(params), tuple(formats))
+
+    def execute(self, portal: str) -> None:
+        statement, params, formats = self._portals.get(portal, ("", (), ()))
+        sql = self._statements.get(statement, "")
+        self._queue.append(
+            StatementRun(
+                "extended",
+                sql,
+                self._clock(),
+                statement_name=statement,
+                portal=portal,
+                params=params,
+                param_formats=formats,
+                batch=self._batch + 1,  # belongs to the next Sync
+            )
+        )
+
+    def function_call(self, oid: int) -> None:
+        self._batch += 1
+        self._ready.append(self._batch)
+        self._queue.append(
+            StatementRun("function", f"-- FunctionCall oid {oid}", self._clock(), batch=self._batch)
+        )
+
+    def sync(self) -> None:
+        self._batch += 1
+        self._ready.append(self._batch)
+
+    def close(self, kind: bytes, name: str) -> None:
+        if kind == b"S":
+            self._statements.pop(name, None)
+        else:
+            self._portals.pop(name, None)
+
+    # ------------------------------------------------------------------ server side
+    def complete(self, tag: str) -> list[StatementRun]:
+        return self._finish(command_tag=tag, rows=rows_of(tag))
+
+    def empty(self) -> list[StatementRun]:
+        return self._finish(command_tag="", rows=0)
+
+    def suspended(self) -> list[StatementRun]:
+        return self._finish(command_tag="SUSPENDED", rows=None)
+
+    def error(self, sqlstate: str, message: str) -> list[StatementRun]:
+        return self._finish(sqlstate=sqlstate, error=message)
+
+    def ready(self) -> list[StatementRun]:
+        """ReadyForQuery: whatever is left of the batch it ends was not executed."""
+        if not self._ready:
+            return []
+        batch = self._ready.popleft()
+        out = []
+        now = self._clock()
+        while self._queue and self._queue[0].batch <= batch:
+            out.append(replace(self._queue.popleft(), ended=now, executed=False))
+        return out
+
+    def _finish(self, **outcome: object) -> list[StatementRun]:
+        # Only a statement of the batch being answered: an error of a Parse or Bind with no
+        # Execute in its batch must not be charged to a later batch's statement.
+        if not self._queue or (self._ready and self._queue[0].batch != self._ready[0]):
+            return []
+        run = self._queue.popleft()
+        finished = replace(run, ended=self._clock(), **outcome)  # type: ignore[arg-type]
+        return [finished]
+
+    def pending(self) -> int:
+        return len(self._queue)
