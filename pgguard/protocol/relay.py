@@ -20,9 +20,12 @@ from pgguard.policy.identity_guard import Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
     Bind,
+    Close,
     CommandComplete,
     DataRow,
     ErrorResponse,
+    Execute,
+    FunctionCall,
     NoticeResponse,
     ParameterStatus,
     Parse,
@@ -30,6 +33,7 @@ from pgguard.protocol.messages import (
     Query,
     error_fields,
 )
+from pgguard.protocol.statements import StatementRun, StatementTracker
 
 # Type bytes as ints, for the hot path.
 _Q, _P, _S, _F, _X, _H, _B = 81, 80, 83, 70, 88, 72, 66
@@ -46,7 +50,15 @@ _E = 69
 # A statement hook sees the SQL of every Query and Parse and may refuse it.
 StatementHook = Callable[[str], Refusal | None]
 
-_T, _D, _C = 84, 68, 67
+_T, _D, _C, _I, _SUSPENDED = 84, 68, 67, 73, 115
+_EXECUTE, _CLOSE = 69, 67  # client-side type bytes that share letters with server ones
+# Extra types the statement tracker needs: client Execute and Close; server replies.
+_TRACK_CLIENT = b"EC"
+_TRACK_SERVER = b"CIsEZ"
+_TRACKED_REPLIES = frozenset(_TRACK_SERVER)
+
+# Called with the statements whose outcome just became known.
+RunsCallback = Callable[[list[StatementRun]], None]
 _ROW_LIMIT_TYPES = frozenset((_D, _C, _E, _Z))
 # ReadyForQuery status byte → the bytes object, without slicing a new one per message.
 _STATUS = [bytes((i,)) for i in range(256)]
@@ -102,11 +114,13 @@ class RelayCore:
         "epoch",
         "hook",
         "max_rows",
+        "on_runs",
         "pending",
         "row_limit_mode",
         "server_out",
         "status",
         "terminated",
+        "tracker",
     )
 
     def __init__(self, max_message_bytes: int, hook: StatementHook | None = None) -> None:
@@ -141,6 +155,8 @@ class RelayCore:
         self._over = False
         self.cancel_requested = False  # the I/O layer sends a CancelRequest and clears it
         self._server_table = SERVER_INTERCEPT
+        self.tracker: StatementTracker | None = None
+        self.on_runs: RunsCallback | None = None
 
     def idle(self) -> bool:
         """No request outstanding and nothing half-received in either direction."""
@@ -176,6 +192,8 @@ class RelayCore:
         return buf if cut == len(buf) else buf[:cut]
 
     def _client_messages(self, buf: bytes, hits: list[int], cut: int) -> bytes:
+        if self.tracker is not None:
+            self._track_client(buf, hits)
         out: list[bytes] | None = None  # built only when a message is replaced
         prev = 0
         for pos in hits:
@@ -187,6 +205,8 @@ class RelayCore:
                 self.terminated = True
                 self.closing = True
                 continue
+            if t != _Q and t != _P and t != _B:
+                continue  # Execute, Close: seen only by the statement tracker
             if self.hook is None:
                 if t == _Q:
                     self.pending += 1
@@ -252,6 +272,16 @@ class RelayCore:
         self._refusals[token] = refusal
         return token
 
+    def _marker_in(self, message: str) -> str | None:
+        """The refusal token in a server error message, if the error is one of ours."""
+        start = message.find(self._marker)
+        if start < 0:
+            return None
+        end = start + len(self._marker)
+        while end < len(message) and message[end].isdigit():
+            end += 1
+        return message[start:end]
+
     def _rewrite_error(self, raw: bytes) -> bytes:
         if not self._refusals or self._marker.encode() not in raw:
             return raw
@@ -259,14 +289,10 @@ class RelayCore:
             err = ErrorResponse.decode_body(raw[5:])
         except ProtocolError:
             return raw
-        message = err.message
-        start = message.find(self._marker)
-        if start < 0:
+        token = self._marker_in(err.message)
+        if token is None:
             return raw
-        end = start + len(self._marker)
-        while end < len(message) and message[end].isdigit():
-            end += 1
-        refusal = self._refusals.pop(message[start:end], None)
+        refusal = self._refusals.pop(token, None)
         if refusal is None:
             return raw
         return ErrorResponse(error_fields("ERROR", refusal.sqlstate, refusal.text())).encode()
@@ -283,6 +309,8 @@ class RelayCore:
         prev = 0
         for pos in hits:
             t = buf[pos]
+            if self.tracker is not None and self._internal_active is None:
+                self._track_server(t, buf, pos)
             if self._internal_active:
                 # A reply to pgguard's own query: read it, keep it from the client, except
                 # the asynchronous messages (notifications, notices, parameter changes).
@@ -345,13 +373,79 @@ class RelayCore:
         out.append(buf[prev:cut])
         return b"".join(out)
 
+    # ------------------------------------------------------------------ statement tracking
+    def track_statements(self, tracker: StatementTracker, on_runs: RunsCallback) -> None:
+        """Report every statement's outcome (for the audit trail) to ``on_runs``."""
+        self.tracker = tracker
+        self.on_runs = on_runs
+        self._client.set_intercept(CLIENT_INTERCEPT + _TRACK_CLIENT)
+        self._server_table = self._server_table + _TRACK_SERVER
+        if self._internal_active is None:
+            self._server.set_intercept(self._server_table)
+
+    def _track_client(self, buf: bytes, hits: list[int]) -> None:
+        tracker = self.tracker
+        assert tracker is not None
+        for pos in hits:
+            t = buf[pos]
+            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            body = buf[pos + 5 : end]
+            if t == _Q:
+                tracker.query(Query.decode_body(body).sql)
+            elif t == _P:
+                parse = Parse.decode_body(body)
+                tracker.parse(parse.name, parse.sql)
+            elif t == _B:
+                bind = Bind.decode_body(body)
+                formats = tuple(bind.param_format(i) for i in range(len(bind.params)))
+                tracker.bind(bind.portal, bind.statement, bind.params, formats)
+            elif t == _EXECUTE:
+                tracker.execute(Execute.decode_body(body).portal)
+            elif t == _S:
+                tracker.sync()
+            elif t == _F:
+                tracker.function_call(FunctionCall.decode_body(body).function_oid)
+            elif t == _CLOSE:
+                close = Close.decode_body(body)
+                tracker.close(close.kind, close.name)
+
+    def _track_server(self, t: int, buf: bytes, pos: int) -> None:
+        tracker = self.tracker
+        assert tracker is not None and self.on_runs is not None
+        if t not in _TRACKED_REPLIES:
+            return
+        end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+        body = buf[pos + 5 : end]
+        if t == _C:
+            runs = tracker.complete(CommandComplete.decode_body(body).tag)
+        elif t == _I:
+            runs = tracker.empty()
+        elif t == _SUSPENDED:
+            runs = tracker.suspended()
+        elif t == _E:
+            err = ErrorResponse.decode_body(body)
+            sqlstate, message = err.sqlstate, err.message
+            token = self._marker_in(message)
+            if token is not None and token in self._refusals:
+                refusal = self._refusals[token]
+                sqlstate, message = refusal.sqlstate, refusal.text()
+            runs = tracker.error(sqlstate, message)
+        else:  # ReadyForQuery
+            runs = tracker.ready()
+        if runs:
+            self.on_runs(runs)
+
     # ------------------------------------------------------------------ row limits
     def set_row_limit(self, max_rows: int | None, mode: str = "error") -> None:
         """Cap the rows each statement returns (``mode`` "truncate": the first ``max_rows``
         rows and a NOTICE; "error": an error once the cap is passed, the query cancelled)."""
         self.max_rows = max_rows
         self.row_limit_mode = mode
-        self._server_table = SERVER_INTERCEPT + (b"DC" if max_rows is not None else b"")
+        self._server_table = (
+            SERVER_INTERCEPT
+            + (b"DC" if max_rows is not None else b"")
+            + (_TRACK_SERVER if self.tracker is not None else b"")
+        )
         if self._internal_active is None:
             self._server.set_intercept(self._server_table)
 

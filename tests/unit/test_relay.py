@@ -256,3 +256,42 @@ def test_bind_of_a_prepared_statement_is_judged_again() -> None:
     [err] = [x for x in decode_all(core.from_server(error)) if isinstance(x, m.ErrorResponse)]
     assert err.sqlstate == "42501"
     assert err.message == "pgguard: later-rule: no longer allowed"
+
+
+def test_statement_tracking_reports_each_statement_with_refusals() -> None:
+    import itertools
+
+    from pgguard.policy.identity_guard import Refusal
+    from pgguard.protocol.statements import StatementRun, StatementTracker
+
+    def hook(sql: str) -> Refusal | None:
+        return Refusal("no-deletes", "nope") if sql.startswith("delete") else None
+
+    ticks = itertools.count()
+    core = RelayCore(LIMIT, hook)
+    runs: list[StatementRun] = []
+    core.track_statements(StatementTracker(lambda: float(next(ticks))), runs.extend)
+    core.from_client(m.Query("select 1; select 2").encode())
+    core.from_server(_select_reply(1)[:-6] + _select_reply(1))
+    sent = core.from_client(m.Query("delete from t").encode())
+    token = m.Query.decode_body(sent[5:]).sql
+    core.from_server(
+        m.ErrorResponse(m.error_fields("ERROR", "42601", f'syntax error at "{token}"')).encode()
+        + m.ReadyForQuery(b"I").encode()
+    )
+    extended = (
+        m.Parse("s", "select $1", ()).encode()
+        + m.Bind("", "s", (), (b"9",), ()).encode()
+        + m.Execute("", 0).encode()
+        + m.Sync().encode()
+    )
+    core.from_client(extended)
+    core.from_server(REPLY)
+    assert [(r.protocol, r.statement, r.command_tag, r.sqlstate) for r in runs] == [
+        ("simple", "select 1", "SELECT 1", None),
+        ("simple", "select 2", "SELECT 1", None),
+        ("simple", "delete from t", None, "42501"),
+        ("extended", "select $1", "SELECT 1", None),
+    ]
+    assert runs[2].error == "pgguard: no-deletes: nope"
+    assert runs[3].params == (b"9",)
