@@ -2,15 +2,19 @@
 """Benchmark pgguard against direct PostgreSQL and pgbouncer; write docs/benchmarks.md.
 
 One private PostgreSQL cluster (``pgguard.embedded.EmbeddedPostgres``) holds a
-``pgbench -i -s 10`` database. Three targets serve it:
+``pgbench -i -s 10`` database. Four targets serve it:
 
 * ``direct``: PostgreSQL itself, as the ``pgguard`` role with its SCRAM password;
 * ``pgguard``: ``pgguard serve`` in a subprocess, logged into with a minted JWT;
+* ``floor``: ``scripts/bench_forwarder.py``, the smallest TCP forwarder in Python (uvloop,
+  asyncio Protocols, no parsing), logged into with the upstream password: what Python itself
+  costs for a pass-through, the bound under pgguard's;
 * ``pgbouncer``: pgbouncer in session pooling (installed with apt-get when missing).
 
 ``pgbench -S`` runs for every (mode, clients) cell against every target, in alternating
 order, ``--rounds`` times; the report quotes median TPS and ratios, the proxies' CPU time per
-transaction, and their memory with 1,000 idle authenticated connections.
+transaction, what separates pgguard from floor and floor from pgbouncer, and the memory of
+pgguard and pgbouncer with 1,000 idle authenticated connections.
 
 Guard rules: a second ``pgguard serve`` (target ``guard``) runs with a policy this script
 writes (``GUARD_POLICY``, modelled on SPEC §3) and is logged into as a member of
@@ -26,8 +30,8 @@ Usage::
     .venv/bin/python scripts/bench.py --duration 20 --rounds 3 --clients 1,8,32 --modes prepared
 
 Flags: --duration S (10), --rounds N (2), --workers N (1), --output FILE, --clients "1,8",
---modes "simple,extended,prepared", --skip-pgbouncer, --skip-pgguard, --skip-guard (no guard-rules
-measurements), --idle-connections N (1000; 0 skips the memory test), --quick.
+--modes "simple,extended,prepared", --skip-pgbouncer, --skip-pgguard, --skip-floor, --skip-guard
+(no guard-rules measurements), --idle-connections N (1000; 0 skips the memory test), --quick.
 
 Everything started here is stopped on exit, error or Ctrl-C.
 """
@@ -68,7 +72,7 @@ SCALE = 10
 DBNAME = "bench"
 UPSTREAM_ROLE = "pgguard"
 BENCH_SUB = "bench-user"
-TARGETS = ("direct", "pgguard", "pgbouncer")
+TARGETS = ("direct", "pgguard", "floor", "pgbouncer")
 MODES = ("simple", "extended", "prepared")
 # Guard rules: the identity pgbench logs in with, and the modes of the pgbench -S comparison.
 GUARD_SUB = "bench-agent"
@@ -411,6 +415,32 @@ def start_pgguard(
     service.wait_listening("127.0.0.1", port)
     token = mint_token(jwt_secret, sub, groups=list(groups), ttl=3600)
     return Target(name, "127.0.0.1", port, sub, token, service)
+
+
+def start_floor(
+    stack: ExitStack, workdir: Path, pg: EmbeddedPostgres, upstream_password: str
+) -> Target:
+    """``scripts/bench_forwarder.py`` as target ``floor``: bytes forwarded to PostgreSQL.
+
+    It authenticates nothing, so pgbench logs in with the upstream role and its password.
+    """
+    port = free_port()
+    argv = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_forwarder.py"),
+        "--listen-port",
+        str(port),
+        "--upstream-host",
+        pg.host,
+        "--upstream-port",
+        str(pg.port),
+    ]
+    log(f"starting {shlex.join(argv)}")
+    log_file = workdir / "floor.log"
+    service = Service("floor", spawn("floor", argv, dict(os.environ), log_file), log_file)
+    stack.callback(service.stop)
+    service.wait_listening("127.0.0.1", port)
+    return Target("floor", "127.0.0.1", port, UPSTREAM_ROLE, upstream_password, service)
 
 
 def ensure_pgbouncer() -> tuple[str | None, str]:
@@ -1027,6 +1057,13 @@ def section_header(ctx: Context) -> str:
         "- pgbouncer: pool_mode session (pgguard holds one upstream session per client too), "
         "SCRAM auth, plaintext, connection logging off.",
         "- direct: PostgreSQL itself over TCP on loopback, SCRAM auth.",
+        "- floor: `scripts/bench_forwarder.py`, the smallest TCP forwarder in Python (uvloop, "
+        "asyncio Protocols, one process): it connects upstream on accept and writes the bytes "
+        "each side sends to the other, with TCP_NODELAY both ways and no framing, parsing or "
+        "back-pressure. It authenticates nothing: pgbench logs in through it to PostgreSQL "
+        "with the upstream role's SCRAM password."
+        if "floor" in ctx.targets
+        else "- floor: not run (--skip-floor).",
         "- guard: a second `pgguard serve` like pgguard but with a policy, logged into as a "
         "member of ai-agents (see Guard rules)."
         if ctx.guard is not None
@@ -1054,7 +1091,11 @@ def section_how_to_read(ctx: Context) -> str:
             "Quote the medians and the ratios, not single runs, and compare "
             "runs made on the same machine only. `pgguard/direct` is the share of direct "
             "throughput left with pgguard in the path; `pgguard/pgbouncer` compares it with "
-            "a mature C proxy doing the same session-per-client relaying. CPU µs/tx is the "
+            "a mature C proxy doing the same session-per-client relaying. `floor` is a Python "
+            "forwarder on uvloop that only moves bytes: `pgguard/floor` is the share of that "
+            "best case Python pass-through left after pgguard's protocol work, "
+            "`floor/pgbouncer` what Python and uvloop cost against C before any protocol "
+            "work. CPU µs/tx is the "
             "proxy's own user+system CPU time (all its processes) during the run divided by "
             "the transactions pgbench completed; it includes the connection setup of the "
             "run's few clients. `-M simple` sends one Query message per transaction, "
@@ -1070,27 +1111,36 @@ def section_passthrough(ctx: Context) -> str:
         "clients",
         "direct TPS",
         "pgguard TPS",
+        "floor TPS",
         "pgbouncer TPS",
         "pgguard/direct",
         "pgguard/pgbouncer",
         "pgbouncer/direct",
+        "pgguard/floor",
+        "floor/pgbouncer",
         "pgguard CPU µs/tx",
+        "floor CPU µs/tx",
         "pgbouncer CPU µs/tx",
     ]
     rows = []
     for cell in ctx.cells:
         d, g, b = cell.tps("direct"), cell.tps("pgguard"), cell.tps("pgbouncer")
+        f = cell.tps("floor")
         rows.append(
             [
                 cell.mode,
                 str(cell.clients),
                 fmt_tps(d),
                 fmt_tps(g),
+                fmt_tps(f),
                 fmt_tps(b),
                 fmt_ratio(g, d),
                 fmt_ratio(g, b),
                 fmt_ratio(b, d),
+                fmt_ratio(g, f),
+                fmt_ratio(f, b),
                 fmt_us(cell.cpu("pgguard")),
+                fmt_us(cell.cpu("floor")),
                 fmt_us(cell.cpu("pgbouncer")),
             ]
         )
@@ -1125,6 +1175,119 @@ def section_passthrough(ctx: Context) -> str:
     ]
     if failures:
         lines += ["", "Failed runs:", ""] + [f"- {f}" for f in failures]
+    return "\n".join(lines)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def _span(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    """``lo`` or ``lo to hi`` (as formatted) of ``values``."""
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def _cores(cell: Cell, target: str) -> float | None:
+    """Cores kept busy by ``target``: median TPS x median CPU seconds per transaction."""
+    tps, cpu = cell.tps(target), cell.cpu(target)
+    return tps * cpu / 1e6 if tps is not None and cpu is not None else None
+
+
+def section_bounds(ctx: Context) -> str:
+    lines = ["## What bounds the pass-through", ""]
+    if "floor" not in ctx.targets:
+        return "\n".join([*lines, "Not measured: floor was not run (--skip-floor)."])
+    clients = 8 if 8 in ctx.args.clients else max(ctx.args.clients)
+    cells = [c for c in ctx.cells if c.clients == clients]
+    ncpu = ctx.machine.get("CPUs (nproc)", "?")
+    rows, framing, python_vs_c, shares = [], [], [], []
+    for cell in cells:
+        g, f, b = cell.cpu("pgguard"), cell.cpu("floor"), cell.cpu("pgbouncer")
+        g_f, f_b, g_b = _diff(g, f), _diff(f, b), _diff(g, b)
+        if g_f is not None:
+            framing.append(g_f)
+        if f_b is not None:
+            python_vs_c.append(f_b)
+        if g_f is not None and g_b is not None and g_b > 0:
+            shares.append(100 * g_f / g_b)
+        cores = [_cores(cell, t) for t in ("pgguard", "floor", "pgbouncer")]
+        rows.append(
+            [
+                cell.mode,
+                fmt_us(g),
+                fmt_us(f),
+                fmt_us(b),
+                f"{g_f:+.1f}" if g_f is not None else "n/a",
+                f"{f_b:+.1f}" if f_b is not None else "n/a",
+                fmt_ratio(cell.tps("pgguard"), cell.tps("floor")),
+                fmt_ratio(cell.tps("floor"), cell.tps("pgbouncer")),
+                " / ".join(f"{c:.2f}" if c is not None else "n/a" for c in cores),
+            ]
+        )
+    lines += [
+        f"CPU µs per transaction at `-c {clients}` (medians of this run), split in two: "
+        "`pgguard - floor` is what pgguard's framing and state tracking cost in Python per "
+        "transaction; `floor - pgbouncer` is what Python and uvloop callbacks and syscalls "
+        "cost against C for the same relaying (pgbouncer's figure includes its own walk of "
+        "the message headers, floor's includes no protocol work at all). "
+        "Cores busy is median TPS x median CPU per transaction.",
+        "",
+        table(
+            [
+                "mode",
+                "pgguard CPU µs/tx",
+                "floor CPU µs/tx",
+                "pgbouncer CPU µs/tx",
+                "pgguard - floor µs/tx",
+                "floor - pgbouncer µs/tx",
+                "pgguard/floor TPS",
+                "floor/pgbouncer TPS",
+                "cores busy: pgguard / floor / pgbouncer",
+            ],
+            rows,
+            text_columns=1,
+        ),
+        "",
+    ]
+    summary = []
+    if framing:
+        summary.append(
+            f"Across the modes at `-c {clients}`, pgguard - floor is {_span(framing)} µs/tx"
+        )
+    if python_vs_c:
+        summary.append(f"floor - pgbouncer is {_span(python_vs_c)} µs/tx")
+    if summary:
+        text = " and ".join(summary) + "."
+        if shares:
+            text += (
+                f" pgguard - floor is {_span(shares, '{:.0f}')}% of pgguard - pgbouncer; the "
+                "rest is floor's own distance from C."
+            )
+        busy = {
+            t: [c for c in (_cores(cell, t) for cell in cells) if c is not None]
+            for t in ("pgguard", "floor", "pgbouncer")
+        }
+        shown = [f"{t} {_span(v, '{:.2f}')}" for t, v in busy.items() if v]
+        if shown:
+            text += f" Cores busy out of {ncpu}: " + ", ".join(shown) + "."
+        if clients != 8:
+            text += f" (`-c 8` was not in this run's --clients; `-c {clients}` is shown.)"
+        lines += [text, ""]
+    lines.append(
+        "`floor` reads none of the bytes it moves. pgguard cannot: to track statement "
+        "boundaries (Query; Parse/Bind/Execute up to Sync), ReadyForQuery and its "
+        "transaction status, ErrorResponse, and row counts when a max_rows limit applies, it "
+        "walks the header (type byte and length) of every message in both directions, and "
+        "cuts out and decodes the few types that carry state, in Python. pgbouncer walks "
+        "every message header too (it needs ReadyForQuery to know when a server connection "
+        "is idle), in C. pgguard's relay is built like floor (uvloop, asyncio Protocols, one "
+        "write per chunk received), so floor's CPU per transaction is what pgguard's "
+        "pass-through would cost if everything it does beyond moving bytes cost nothing. "
+        f"pgbench, PostgreSQL and the proxy share {ncpu} cores here, so CPU the proxy spends "
+        "per transaction is taken from PostgreSQL and pgbench: proxy CPU per transaction "
+        "directly lowers TPS."
+    )
     return "\n".join(lines)
 
 
@@ -1310,6 +1473,7 @@ SECTIONS: list[Callable[[Context], str]] = [
     section_header,
     section_how_to_read,
     section_passthrough,
+    section_bounds,
     section_guard,
     section_memory,
 ]
@@ -1353,6 +1517,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--skip-pgguard", action="store_true", help="leave pgguard out (tests the harness)"
     )
     parser.add_argument(
+        "--skip-floor",
+        action="store_true",
+        help="leave out floor, the minimal Python forwarder (scripts/bench_forwarder.py)",
+    )
+    parser.add_argument(
         "--skip-guard",
         action="store_true",
         help="leave out the guard-rules measurements (pgguard with a policy)",
@@ -1370,7 +1539,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: --duration 3 --rounds 1 (guard rules included, unless --skip-guard)",
+        help="smoke run: --duration 3 --rounds 1 (guard rules and floor included, unless "
+        "--skip-guard / --skip-floor)",
     )
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -1441,6 +1611,18 @@ def run(args: argparse.Namespace, command: str) -> Context:
         else:
             notes.append("pgguard was skipped (--skip-pgguard).")
 
+        if args.skip_floor:
+            notes.append("floor was skipped (--skip-floor).")
+        else:
+            floor = start_floor(stack, workdir, pg, password)
+            problem = check_connects(psql, floor)
+            if problem is not None:
+                raise BenchError(
+                    f"cannot run select 1 through floor: {problem}\n"
+                    + _tail(floor.service.log_file if floor.service else workdir / "x")
+                )
+            targets.append(floor)
+
         guard_target: Target | None = None
         guard_result: GuardResult | None = None
         guard_skipped = ""
@@ -1489,7 +1671,7 @@ def run(args: argparse.Namespace, command: str) -> Context:
             wait_backends_gone(pg)
             run_guard(
                 pgbench,
-                targets[1],
+                next(t for t in targets if t.name == "pgguard"),
                 guard_target,
                 guard_result,
                 workdir,
@@ -1500,7 +1682,8 @@ def run(args: argparse.Namespace, command: str) -> Context:
             ctx.guard = guard_result
         if args.idle_connections:
             for target in targets:
-                if target.service is not None:
+                # floor stands for no proxy at all; its memory is not the question here.
+                if target.service is not None and target.name != "floor":
                     wait_backends_gone(pg)
                     ctx.memory.append(measure_idle(target, args.idle_connections))
         ctx.machine["load average 1/5/15 min, at end"] = loadavg()
