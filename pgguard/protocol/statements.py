@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from pglast import parser
+from pgguard.audit.text import statement_texts
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +57,9 @@ def rows_of(tag: str) -> int | None:
 
 
 def split_statements(sql: str) -> list[str]:
-    """Each statement's text; the whole string if it does not parse (the server will say)."""
-    try:
-        spans = parser.split(sql, with_parser=True, only_slices=True)
-        parts = [sql[span].strip() for span in spans]
-    except parser.ParseError:
-        return [sql]
-    parts = [p for p in parts if p]
-    return parts or [sql]
+    """Each statement's text, leading comments (and so prompt ids) kept with their statement;
+    the whole string if it cannot be split (the server will say what is wrong)."""
+    return statement_texts(sql) or [sql]
 
 
 @dataclass
