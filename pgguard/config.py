@@ -122,6 +122,7 @@ class AuditSettings(_Section):
     url: str | None = "sqlite:///pgguard-audit.db"
     jsonl: str | None = None
     mode: Literal["strict", "buffered"] = "strict"
+    instance_id: str | None = None  # default: host:port:worker; names this process's chain
 
 
 class RecordingSettings(_Section):

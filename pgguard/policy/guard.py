@@ -284,6 +284,20 @@ class SessionGuard:
             )
         return self.state.analyse(self.database, path, self.current_user, sql)
 
+    def describe(self, sql: str) -> tuple[StatementFacts | None, tuple[str, ...]]:
+        """Facts of one statement's text and the audit_only rules it matches, for its audit
+        record (from the caches when the statement was judged)."""
+        try:
+            facts = self.state.analyse(self.database, self.search_path, self.current_user, sql)
+        except AnalysisError:
+            return None, ()
+        if not facts:
+            return None, ()
+        audit_only: tuple[str, ...] = ()
+        if self.state.policy is not None:
+            audit_only = self._decide(self.state.policy, facts).audit_only_rules
+        return facts[0], audit_only
+
     def search_path_confirmed(self, setting: str, in_transaction: bool = False) -> None:
         """The server reports the session's search_path: judge with it from now on. Inside a
         transaction block a rollback could still restore the previous path, so that one

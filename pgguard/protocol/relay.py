@@ -112,6 +112,7 @@ class RelayCore:
         "closing",
         "ending",
         "epoch",
+        "gate",
         "hook",
         "max_rows",
         "on_runs",
@@ -156,6 +157,7 @@ class RelayCore:
         self.cancel_requested = False  # the I/O layer sends a CancelRequest and clears it
         self._server_table = SERVER_INTERCEPT
         self.tracker: StatementTracker | None = None
+        self.gate: Callable[[], Refusal | None] | None = None  # refuses everything when set
         self.on_runs: RunsCallback | None = None
 
     def idle(self) -> bool:
@@ -242,6 +244,10 @@ class RelayCore:
 
     def _verdict(self, sql: bytes) -> Refusal | None:
         """The hook's verdict on ``sql``, remembered per text until the epoch moves."""
+        if self.gate is not None:
+            closed = self.gate()
+            if closed is not None:
+                return closed
         cache = self._verdicts
         if self.epoch is not None and self.epoch[0] != self._epoch_seen:
             cache.clear()  # the policy or a catalog changed since these verdicts

@@ -22,11 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from pgguard.audit.events import SessionContext, statement_record
+from pgguard.audit.records import AuditRecord
+from pgguard.audit.store import open_stores
+from pgguard.audit.writer import AuditWriter
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
 from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_from_rows
 from pgguard.policy.engine import limits_for
+from pgguard.policy.facts import StatementFacts
 from pgguard.policy.guard import GuardState, SessionGuard, policy_in_force
+from pgguard.policy.identity_guard import Refusal
 from pgguard.policy.loader import check_policy_files
 from pgguard.policy.model import Policy
 from pgguard.protocol import messages as m
@@ -34,8 +40,13 @@ from pgguard.protocol.auth import AuthFailed, ScramClient, md5_password
 from pgguard.protocol.framing import MessageReader, StartupReader
 from pgguard.protocol.relay import IDLE_TIMEOUT, SHUTTING_DOWN, TOKEN_EXPIRED, Fatal, RelayCore
 from pgguard.protocol.startup import StartupRefused, build_upstream_startup
+from pgguard.protocol.statements import StatementRun, StatementTracker
 
 log = logging.getLogger("pgguard.proxy")
+
+AUDIT_UNAVAILABLE = Refusal(
+    "audit", "the audit store is unavailable; statements are refused until it recovers"
+)
 
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
@@ -207,6 +218,10 @@ class Session:
         self.last_active = time.monotonic()
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._done = asyncio.get_running_loop().create_future()
+        self.audit = gateway.audit
+        self.audit_ctx = SessionContext(gateway.instance_id, self.info.session_id, addr)
+        self._awaiting = 0  # statement records not yet durable (strict mode)
+        self._held: list[bytes] | None = None  # client output held until they are
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -230,6 +245,15 @@ class Session:
         finally:
             self._teardown()
 
+    def _auth_failure(self, reason: str) -> None:
+        self.gateway.auth_failed(reason)
+        self._audit(self.audit_ctx.base("auth_failure", extra={"reason": reason}))
+
+    def _audit(self, record: AuditRecord) -> None:
+        """Submit a non-statement record (never held for)."""
+        if self.audit is not None:
+            self.audit.submit(record)
+
     def _send_fatal(self, fatal: Fatal) -> None:
         self.client.write(fatal.encode())
 
@@ -249,6 +273,7 @@ class Session:
                 "session end",
                 extra={"session_id": self.info.session_id, "user": self.info.user},
             )
+            self._audit(self.audit_ctx.base("session_end"))
 
     def finish(self) -> None:
         if not self._done.done():
@@ -310,11 +335,14 @@ class Session:
         database = startup.param("database") or user
         self.info.user = user
         self.info.database = database
+        self.audit_ctx.user = user
+        self.audit_ctx.database = database
+        self.audit_ctx.application_name = startup.param("application_name")
 
         if not self.tls and not (
             self.settings.tls.allow_plaintext_loopback and self.gateway.listener_is_loopback
         ):
-            self.gateway.auth_failed("tls_required")
+            self._auth_failure("tls_required")
             raise SessionEnded(
                 Fatal("28000", "pgguard: an encrypted connection is required (use sslmode=require)")
             )
@@ -334,7 +362,7 @@ class Session:
         try:
             type_code, body = await read_message(self.client, reader)
         except m.ProtocolError as exc:
-            self.gateway.auth_failed("too_large")
+            self._auth_failure("too_large")
             raise SessionEnded(Fatal("28000", "pgguard: token too large")) from exc
         if type_code != b"p":
             raise m.ProtocolError(f"expected password response, got message type {type_code!r}")
@@ -342,7 +370,7 @@ class Session:
         try:
             identity = await self.gateway.validator.validate(token)
         except TokenError as exc:
-            self.gateway.auth_failed(exc.reason)
+            self._auth_failure(exc.reason)
             log.warning(
                 "authentication failed: %s",
                 exc.reason,
@@ -350,7 +378,7 @@ class Session:
             )
             raise SessionEnded(Fatal(exc.sqlstate, f"pgguard: {exc}")) from None
         if identity.user != user:
-            self.gateway.auth_failed("user_mismatch")
+            self._auth_failure("user_mismatch")
             raise SessionEnded(
                 Fatal(
                     "28000",
@@ -359,11 +387,12 @@ class Session:
             )
         allowed = self.settings.upstream.databases
         if allowed is not None and database not in allowed:
-            self.gateway.auth_failed("database")
+            self._auth_failure("database")
             raise SessionEnded(
                 Fatal("3D000", f'pgguard: database "{database}" is not served by this gateway')
             )
         self.identity = identity
+        self.audit_ctx.identity = identity
 
         role = None
         for group, mapped in self.settings.identity.role_map.items():
@@ -381,6 +410,8 @@ class Session:
         except StartupRefused as exc:
             raise SessionEnded(Fatal(exc.sqlstate, str(exc))) from None
         self.role_mapped = role is not None
+        self.audit_ctx.upstream_role = role or self.settings.upstream.user
+        self.audit_ctx.startup_prompt_id = upstream_startup.prompt_id
         if upstream_startup.prompt_id is not None:
             params = [
                 (k, upstream_startup.prompt_id if k == "pgguard.prompt_id" else v)
@@ -523,7 +554,14 @@ class Session:
                 self.finish()
                 return
             if to_client:
-                client_transport.write(to_client)
+                if self._awaiting or self._held is not None:
+                    # Strict audit: results wait until their records are durable.
+                    if self._held is None:
+                        self._held = []
+                        upstream_transport.pause_reading()
+                    self._held.append(to_client)
+                else:
+                    client_transport.write(to_client)
             if core.server_out:
                 upstream_transport.write(b"".join(core.server_out))
                 core.server_out.clear()
@@ -572,6 +610,11 @@ class Session:
 
         assert self.identity is not None
         loop = asyncio.get_running_loop()
+        if self.audit is not None:
+            core.track_statements(StatementTracker(time.time), self._on_runs)
+            if self.audit.mode == "strict":
+                core.gate = self._audit_gate
+            self._audit(self.audit_ctx.base("session_start"))
         if self.settings.identity.end_session_on_expiry:
             delay = max(0.0, self.identity.expires_at - time.time())
             self._expiry_handle = loop.call_later(delay, self.end, TOKEN_EXPIRED)
@@ -583,6 +626,58 @@ class Session:
                 "database": self.info.database,
             },
         )
+
+    # ------------------------------------------------------------------ audit
+    def _audit_gate(self) -> Refusal | None:
+        """Strict mode: while the audit store fails, statements are refused."""
+        assert self.audit is not None
+        return None if self.audit.healthy else AUDIT_UNAVAILABLE
+
+    def _on_runs(self, runs: list[StatementRun]) -> None:
+        try:
+            self._record_runs(runs)
+        except Exception:  # a bug here must not pass a statement unrecorded in strict mode
+            log.exception("audit record failed", extra={"session_id": self.info.session_id})
+            if self.audit is not None and self.audit.mode == "strict":
+                self._held = None
+                self.force_end(Fatal("58030", "pgguard: audit: could not record the statement"))
+
+    def _record_runs(self, runs: list[StatementRun]) -> None:
+        assert self.audit is not None
+        strict = self.audit.mode == "strict"
+        loop = asyncio.get_running_loop()
+        for run in runs:
+            self.audit_ctx.note_statement(run)
+            facts: StatementFacts | None = None
+            audit_only: tuple[str, ...] = ()
+            if self.guard is not None:
+                facts, audit_only = self.guard.describe(run.statement)
+            record = statement_record(self.audit_ctx, run, facts, audit_only=audit_only)
+            if not strict:
+                self.audit.submit(record)
+                continue
+            self._awaiting += 1
+
+            def durable(error: BaseException | None) -> None:
+                loop.call_soon_threadsafe(self._durable, error)
+
+            self.audit.submit(record, durable)
+
+    def _durable(self, error: BaseException | None) -> None:
+        self._awaiting -= 1
+        if error is not None:
+            # The result cannot be confirmed: the client must not see it. The record stays
+            # queued and is written once the store recovers.
+            log.error("audit store failing: %s", error, extra={"session_id": self.info.session_id})
+            self._held = None
+            self.force_end(Fatal("58030", "pgguard: audit: the audit store is unavailable"))
+            return
+        if self._awaiting == 0 and self._held is not None:
+            held, self._held = self._held, None
+            self.client.write(b"".join(held))
+            upstream = self.upstream
+            if upstream is not None and upstream.transport is not None and not upstream.closed:
+                upstream.transport.resume_reading()
 
     def _cancel_upstream(self) -> None:
         """Cancel the running statement (the row limit was passed)."""
@@ -626,6 +721,8 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.guard = GuardState(policy_in_force(policy))
+        self.audit: AuditWriter | None = None
+        self.instance_id = ""
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._catalog_refresh: dict[str, asyncio.Task[None]] = {}
         self._policy_signature: tuple[tuple[str, float, int], ...] = ()
@@ -867,8 +964,18 @@ class Gateway:
         finally:
             self.sessions.discard(session)
 
+    def _start_audit(self) -> None:
+        audit = self.settings.audit
+        self.instance_id = audit.instance_id or (
+            f"{socket.gethostname()}:{self.settings.listen.port}:{self.worker_id}"
+        )
+        stores = open_stores(audit.url, audit.jsonl)
+        if stores:
+            self.audit = AuditWriter(stores, mode=audit.mode, instance_id=self.instance_id)
+
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
+        self._start_audit()
         listen = self.settings.listen
         if sock is not None:
             self.server = await loop.create_server(self._accept, sock=sock, backlog=1024)
@@ -923,6 +1030,11 @@ class Gateway:
             if not self.sessions:
                 break
             await asyncio.sleep(0.05)
+        if self.audit is not None:
+            audit = self.audit
+            flushed = await asyncio.to_thread(audit.close, deadline)
+            if not flushed:
+                log.error("audit: %d record(s) could not be written before exit", audit.abandoned)
 
 
 class UpstreamRefused(Exception):
