@@ -238,6 +238,103 @@ def policy_explain(
     )
 
 
+@main.group()
+def audit() -> None:
+    """Search, follow and verify the audit trail."""
+
+
+def _audit_store(config: Path | None) -> Any:
+    from pgguard.audit.store import SqlStore
+
+    settings = _load(config)
+    if not settings.audit.url:
+        click.echo("audit.url is not configured: nothing to read", err=True)
+        sys.exit(2)
+    return SqlStore(settings.audit.url, migrate=False)
+
+
+@audit.command("search")
+@config_option
+@click.option("--user", default=None)
+@click.option("--prompt-id", default=None)
+@click.option("--since", default=None, help="A duration (1h, 30m) or an ISO timestamp.")
+@click.option("--until", default=None)
+@click.option("--decision", default=None, help="allow, deny, approved, audit_only, …")
+@click.option("--table", default=None, help="schema.table the statement touched.")
+@click.option("--fingerprint", default=None)
+@click.option("--session", "session_id", default=None)
+@click.option("--event", default=None, help="statement, session_start, auth_failure, …")
+@click.option("--limit", type=int, default=100)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_search(
+    config: Path | None,
+    user: str | None,
+    prompt_id: str | None,
+    since: str | None,
+    until: str | None,
+    decision: str | None,
+    table: str | None,
+    fingerprint: str | None,
+    session_id: str | None,
+    event: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Find audit records."""
+    from pgguard.audit.query import search_store, search_text
+
+    store = _audit_store(config)
+    try:
+        records = search_store(
+            store,
+            since=since,
+            until=until,
+            user=user,
+            prompt_id=prompt_id,
+            decision=decision,
+            table=table,
+            fingerprint=fingerprint,
+            session_id=session_id,
+            event=event,
+            limit=limit,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(search_text(records, as_json), nl=False)
+
+
+@audit.command("tail")
+@config_option
+@click.option("--last", type=int, default=10, help="Records to show before following.")
+@click.option("--no-follow", is_flag=True, help="Print the last records and stop.")
+@click.option("--json", "as_json", is_flag=True)
+def audit_tail(config: Path | None, last: int, no_follow: bool, as_json: bool) -> None:
+    """Print the newest records, then follow new ones."""
+    from pgguard.audit.query import json_line, render_table, tail
+
+    store = _audit_store(config)
+    try:
+        for record in tail(store, follow=not no_follow, last=last):
+            click.echo(json_line(record) if as_json else render_table([record]).rstrip("\n"))
+    except KeyboardInterrupt:
+        pass
+
+
+@audit.command("verify")
+@config_option
+@click.option("--jsonl", "jsonl", default=None, help="Verify this JSON-lines file instead.")
+def audit_verify(config: Path | None, jsonl: str | None) -> None:
+    """Check the hash chains: report the first edited, deleted, inserted or reordered record."""
+    from pgguard.audit.query import verify_jsonl, verify_store
+
+    if jsonl:
+        ok, report = verify_jsonl(jsonl)
+    else:
+        ok, report = verify_store(_audit_store(config))
+    click.echo(report, nl=False)
+    sys.exit(0 if ok else 1)
+
+
 @main.command()
 @click.option("--port", type=int, default=6432, help="Gateway port (0: any free port).")
 @click.option("--keep-running/--exit-after-start", default=True, hidden=True)
