@@ -123,6 +123,7 @@ class AuditSettings(_Section):
     jsonl: str | None = None
     mode: Literal["strict", "buffered"] = "strict"
     instance_id: str | None = None  # default: host:port:worker; names this process's chain
+    strict_timeout: Duration = 5.0  # strict mode: longest a result waits for its record
 
 
 class RecordingSettings(_Section):

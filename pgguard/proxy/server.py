@@ -222,6 +222,7 @@ class Session:
         self.audit_ctx = SessionContext(gateway.instance_id, self.info.session_id, addr)
         self._awaiting = 0  # statement records not yet durable (strict mode)
         self._held: list[bytes] | None = None  # client output held until they are
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -559,6 +560,9 @@ class Session:
                     if self._held is None:
                         self._held = []
                         upstream_transport.pause_reading()
+                        self._stall_timer = asyncio.get_running_loop().call_later(
+                            self.settings.audit.strict_timeout, self._audit_stalled
+                        )
                     self._held.append(to_client)
                 else:
                     client_transport.write(to_client)
@@ -663,6 +667,15 @@ class Session:
 
             self.audit.submit(record, durable)
 
+    def _audit_stalled(self) -> None:
+        """Strict mode: a record is still not durable; the client gets a clear error rather
+        than waiting (the record stays queued and is written when the store recovers)."""
+        self._stall_timer = None
+        if self._held is not None and self._awaiting:
+            log.error("audit store not answering", extra={"session_id": self.info.session_id})
+            self._held = None
+            self.force_end(Fatal("58030", "pgguard: audit: the audit store is not answering"))
+
     def _durable(self, error: BaseException | None) -> None:
         self._awaiting -= 1
         if error is not None:
@@ -674,6 +687,9 @@ class Session:
             return
         if self._awaiting == 0 and self._held is not None:
             held, self._held = self._held, None
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
             self.client.write(b"".join(held))
             upstream = self.upstream
             if upstream is not None and upstream.transport is not None and not upstream.closed:

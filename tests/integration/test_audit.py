@@ -1,0 +1,237 @@
+"""The audit trail through real clients: one record per statement, linked to its prompt,
+tamper-evident, and in strict mode never behind what a client was told."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from pgguard.audit.store import SqlStore
+from tests.support.gateway import Gateway, MakeGateway
+
+PGGUARD = str(Path(sys.executable).parent / "pgguard")
+
+
+def audited(
+    make_gateway: MakeGateway, tmp_path: Path, mode: str = "strict", **extra: Any
+) -> Gateway:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    return make_gateway(audit={"url": url, "mode": mode}, **extra)
+
+
+def records(gw: Gateway, **filters: Any) -> list[Any]:
+    store = SqlStore(gw.config["audit"]["url"], migrate=False)
+    try:
+        return store.search(limit=1_000_000, order="asc", **filters)
+    finally:
+        store.close()
+
+
+def eventually(check: Any, timeout: float = 10.0) -> Any:
+    """Records written without waiting (session and auth events) land a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def statements(gw: Gateway, user: str) -> list[Any]:
+    return [r for r in records(gw, user=user) if r.event == "statement"]
+
+
+def test_one_record_per_statement_with_prompt_links(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = audited(make_gateway, tmp_path)
+    dsn = gw.dsn("ana", groups=["dev"], claims={"prompt_id": "from-jwt", "agent": "cursor"})
+    with psycopg.connect(dsn, autocommit=True, options="-c pgguard.prompt_id=from-startup") as conn:
+        conn.execute(b"/* prompt_id='from%20comment' */ select 1; select 2")
+        conn.execute("select %s::int + 1", (41,))  # extended, with a parameter
+        conn.execute("set pgguard.prompt_id = 'from-set'")
+        conn.execute(b"select 3")
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("set role postgres")
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute("select 1/0")
+    got = statements(gw, "ana")
+    summary = [(r.statement, r.prompt_id, r.prompt_source, r.decision, r.sqlstate) for r in got]
+    assert summary == [
+        ("/* prompt_id='from%20comment' */ select 1", "from comment", "comment", "allow", None),
+        ("select 2", "from-startup", "startup", "allow", None),
+        ("select $1::int + 1", "from-startup", "startup", "allow", None),
+        ("set pgguard.prompt_id = 'from-set'", "from-set", "set", "allow", None),
+        ("select 3", "from-set", "set", "allow", None),
+        ("set role postgres", "from-set", "set", "deny", "42501"),
+        ("select 1/0", "from-set", "set", "allow", "22012"),
+    ]
+    extended = got[2]
+    # psycopg sends the int in binary: audited as base64 (0x0029 = 41)
+    assert extended.protocol == "extended" and extended.params == ("base64:ACk=",)
+    assert got[5].rule == "identity-guard"
+    assert all(r.agent == "cursor" and r.groups == ("dev",) for r in got)
+    assert all(r.fingerprint and r.duration_ms is not None for r in got)
+    events = eventually(
+        lambda: (
+            [r.event for r in records(gw, user="ana") if r.event == "session_end"]
+            and [r.event for r in records(gw, user="ana")]
+        )
+    )
+    assert events[0] == "session_start" and events[-1] == "session_end"
+
+
+def test_jwt_prompt_and_auth_failures(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = audited(make_gateway, tmp_path)
+    with psycopg.connect(gw.dsn("bo", claims={"prompt_id": "p-jwt"}), autocommit=True) as conn:
+        conn.execute("select 1")
+    [run] = statements(gw, "bo")
+    assert (run.prompt_id, run.prompt_source) == ("p-jwt", "jwt")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(gw.dsn("bo", password="not-a-token"))
+    failures = eventually(lambda: records(gw, event="auth_failure"))
+    assert failures and failures[-1].user == "bo"
+    assert "not-a-token" not in json.dumps([r.to_json() for r in failures])
+
+
+def test_secrets_are_redacted_in_statement_text(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = audited(make_gateway, tmp_path)
+    with psycopg.connect(gw.dsn("cy"), autocommit=True) as conn:
+        conn.execute("drop role if exists audit_tmp_role")
+        conn.execute("create role audit_tmp_role password 'hunter2-secret'")
+        conn.execute("drop role audit_tmp_role")
+    texts = [r.statement for r in statements(gw, "cy")]
+    assert any("create role audit_tmp_role" in t for t in texts)
+    assert not any("hunter2-secret" in t for t in texts)
+
+
+def test_search_verify_and_tamper_detection_via_cli(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = audited(make_gateway, tmp_path)
+    with psycopg.connect(gw.dsn("dee"), autocommit=True) as conn:
+        for i in range(5):
+            conn.execute(f"select {i}".encode())
+    config = str(gw.config_path)
+    out = subprocess.run(
+        [PGGUARD, "audit", "search", "--config", config, "--user", "dee", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["statement"] for r in lines if r["event"] == "statement"] == [
+        f"select {i}" for i in range(5)
+    ]
+    for key in ("event", "ts", "instance_id", "session_id", "prompt_source", "class", "hash"):
+        assert key in lines[0]
+    verify = subprocess.run(
+        [PGGUARD, "audit", "verify", "--config", config], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0, verify.stdout
+    gw.stop()
+    import sqlite3
+
+    db = sqlite3.connect(gw.config["audit"]["url"].removeprefix("sqlite:///"))
+    db.execute("update audit_records set statement = 'select 99' where statement = 'select 2'")
+    db.commit()
+    db.close()
+    broken = subprocess.run(
+        [PGGUARD, "audit", "verify", "--config", config], capture_output=True, text=True, timeout=60
+    )
+    assert broken.returncode == 1
+    assert "edited" in broken.stdout
+
+
+def test_buffered_mode_flushes_on_sigterm(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = audited(make_gateway, tmp_path, mode="buffered")
+    with psycopg.connect(gw.dsn("eve"), autocommit=True) as conn:
+        for i in range(200):
+            conn.execute(f"select {i}".encode())
+    assert gw.proc is not None
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    assert gw.proc.wait(20) == 0
+    assert len(statements(gw, "eve")) == 200
+
+
+def test_strict_mode_loses_nothing_acknowledged_on_kill_9(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = audited(make_gateway, tmp_path)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        try:
+            with psycopg.connect(gw.dsn(f"crash{n}"), autocommit=True) as conn:
+                i = 0
+                while not stop.is_set():
+                    text = f"select {n * 100000 + i}"
+                    conn.execute(text.encode())
+                    acknowledged.append(text)  # the client saw it succeed
+                    i += 1
+        except psycopg.Error:
+            pass  # the gateway died under us
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    assert gw.proc is not None
+    os.kill(gw.proc.pid, signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    gw.proc.wait(10)
+    assert len(acknowledged) > 50
+    stored = {r.statement for r in records(gw, event="statement")}
+    missing = [text for text in acknowledged if text not in stored]
+    assert missing == [], f"{len(missing)} acknowledged statements have no record"
+
+
+def test_strict_mode_refuses_statements_when_the_store_fails(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    gw = audited(make_gateway, tmp_path)
+    path = gw.config["audit"]["url"].removeprefix("sqlite:///")
+    with psycopg.connect(gw.dsn("fay"), autocommit=True) as conn:
+        conn.execute("select 1")
+        # Another process holds the store's write lock: the writer cannot commit.
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("begin exclusive")
+        try:
+            started = time.monotonic()
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute(b"select 2")
+            assert "audit" in str(info.value)
+            assert time.monotonic() - started < 20
+        finally:
+            blocker.execute("rollback")
+            blocker.close()
+    # Once the store is back, sessions work again and the held record was not lost.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with psycopg.connect(gw.dsn("fay"), autocommit=True) as conn:
+                conn.execute(b"select 3")
+            break
+        except psycopg.Error:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    texts = [r.statement for r in statements(gw, "fay")]
+    assert "select 2" in texts and "select 3" in texts
