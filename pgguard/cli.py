@@ -244,13 +244,17 @@ def audit() -> None:
 
 
 def _audit_store(config: Path | None) -> Any:
-    from pgguard.audit.store import SqlStore
+    from pgguard.audit.store import SqlStore, StoreError
 
     settings = _load(config)
     if not settings.audit.url:
         click.echo("audit.url is not configured: nothing to read", err=True)
         sys.exit(2)
-    return SqlStore(settings.audit.url, migrate=False)
+    try:
+        return SqlStore(settings.audit.url, migrate=False)
+    except StoreError as exc:
+        click.echo(f"cannot read the audit store: {exc}", err=True)
+        sys.exit(2)
 
 
 @audit.command("search")
@@ -333,6 +337,49 @@ def audit_verify(config: Path | None, jsonl: str | None) -> None:
         ok, report = verify_store(_audit_store(config))
     click.echo(report, nl=False)
     sys.exit(0 if ok else 1)
+
+
+@main.group()
+def sessions() -> None:
+    """Recorded sessions."""
+
+
+@sessions.command("list")
+@config_option
+@click.option("--user", default=None)
+@click.option("--since", default=None, help="A duration (1h, 30m) or an ISO timestamp.")
+@click.option("--limit", type=int, default=50)
+@click.option("--json", "as_json", is_flag=True)
+def sessions_list(
+    config: Path | None, user: str | None, since: str | None, limit: int, as_json: bool
+) -> None:
+    """List recorded sessions, newest first."""
+    from pgguard.audit.query import json_line, search_store
+    from pgguard.audit.sessions import session_rows
+
+    store = _audit_store(config)
+    starts = search_store(
+        store, since=since, user=user, event="session_start", limit=limit, order="desc"
+    )
+    if as_json:
+        click.echo("".join(json_line(r) + "\n" for r in starts), nl=False)
+    else:
+        click.echo(session_rows(starts), nl=False)
+
+
+@sessions.command("show")
+@config_option
+@click.argument("session_id")
+def sessions_show(config: Path | None, session_id: str) -> None:
+    """Replay a session as a psql-like transcript."""
+    from pgguard.audit.sessions import transcript
+
+    store = _audit_store(config)
+    records = store.search(session_id=session_id, order="asc")
+    if not records:
+        click.echo(f"no session {session_id!r} in the audit trail", err=True)
+        sys.exit(1)
+    click.echo(transcript(records))
 
 
 @main.command()

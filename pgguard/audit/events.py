@@ -111,6 +111,8 @@ def statement_record(
         extra["executed"] = False
     if run.error and decision != "deny":
         extra["error"] = run.error[:500]
+    if run.preview is not None and (run.preview.columns or run.preview.rows):
+        extra["preview"] = run.preview.to_dict()
     return ctx.base(
         "statement",
         ts=run.started,

@@ -13,9 +13,10 @@ from __future__ import annotations
 import secrets
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
+from pgguard.audit.recording import SessionRecorder
 from pgguard.policy.identity_guard import Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
@@ -31,6 +32,7 @@ from pgguard.protocol.messages import (
     Parse,
     ProtocolError,
     Query,
+    RowDescription,
     error_fields,
 )
 from pgguard.protocol.statements import StatementRun, StatementTracker
@@ -101,6 +103,9 @@ class RelayCore:
         "_internal_rows",
         "_marker",
         "_over",
+        "_preview",
+        "_preview_count",
+        "_preview_limits",
         "_refusals",
         "_rows",
         "_seq",
@@ -157,6 +162,9 @@ class RelayCore:
         self.cancel_requested = False  # the I/O layer sends a CancelRequest and clears it
         self._server_table = SERVER_INTERCEPT
         self.tracker: StatementTracker | None = None
+        self._preview: SessionRecorder | None = None  # rows of the current result
+        self._preview_count = 0
+        self._preview_limits = (0, 0)
         self.gate: Callable[[], Refusal | None] | None = None  # refuses everything when set
         self.on_runs: RunsCallback | None = None
 
@@ -380,14 +388,31 @@ class RelayCore:
         return b"".join(out)
 
     # ------------------------------------------------------------------ statement tracking
-    def track_statements(self, tracker: StatementTracker, on_runs: RunsCallback) -> None:
-        """Report every statement's outcome (for the audit trail) to ``on_runs``."""
+    def track_statements(
+        self,
+        tracker: StatementTracker,
+        on_runs: RunsCallback,
+        preview_rows: int = 0,
+        preview_bytes: int = 0,
+    ) -> None:
+        """Report every statement's outcome (for the audit trail) to ``on_runs``, with a
+        preview of up to ``preview_rows`` rows as the client received them."""
         self.tracker = tracker
         self.on_runs = on_runs
+        self._preview_limits = (preview_rows, preview_bytes)
         self._client.set_intercept(CLIENT_INTERCEPT + _TRACK_CLIENT)
         self._server_table = self._server_table + _TRACK_SERVER
+        if preview_rows > 0:
+            self._server_table += b"TD"
         if self._internal_active is None:
             self._server.set_intercept(self._server_table)
+
+    def _previewing(self, on: bool) -> None:
+        """Stop (or start again) cutting out DataRows once a preview is full."""
+        if self.max_rows is not None or self._internal_active is not None:
+            return  # row limits count every row anyway
+        table = self._server_table if on else self._server_table.replace(b"D", b"")
+        self._server.set_intercept(table)
 
     def _track_client(self, buf: bytes, hits: list[int]) -> None:
         tracker = self.tracker
@@ -418,12 +443,39 @@ class RelayCore:
     def _track_server(self, t: int, buf: bytes, pos: int) -> None:
         tracker = self.tracker
         assert tracker is not None and self.on_runs is not None
+        if t == _D:
+            preview = self._preview
+            if preview is not None and self._preview_count < self._preview_limits[0]:
+                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+                preview.row(DataRow.decode_body(buf[pos + 5 : end]).values)
+                self._preview_count += 1
+                if self._preview_count >= self._preview_limits[0]:
+                    self._previewing(False)
+            return
+        if t == _T:
+            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            fields = RowDescription.decode_body(buf[pos + 5 : end]).fields
+            self._preview = SessionRecorder(*self._preview_limits)
+            self._preview.start("", [f.name for f in fields], [f.format for f in fields])
+            self._preview_count = 0
+            self._previewing(True)
+            return
         if t not in _TRACKED_REPLIES:
             return
         end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
         body = buf[pos + 5 : end]
         if t == _C:
-            runs = tracker.complete(CommandComplete.decode_body(body).tag)
+            tag = CommandComplete.decode_body(body).tag
+            runs = tracker.complete(tag)
+            if self._preview is not None and runs:
+                self._preview.finish(tag)
+                entry = self._preview.entries()[-1]
+                sent = runs[-1].rows
+                if sent is not None and sent > entry.row_count:
+                    # Rows past the preview were not decoded: the tag says how many there were.
+                    entry = replace(entry, truncated=True, row_count=sent)
+                runs[-1] = replace(runs[-1], preview=entry)
+                self._preview = None
         elif t == _I:
             runs = tracker.empty()
         elif t == _SUSPENDED:
@@ -438,6 +490,9 @@ class RelayCore:
             runs = tracker.error(sqlstate, message)
         else:  # ReadyForQuery
             runs = tracker.ready()
+        if t != _C and self._preview is not None:
+            self._preview = None  # an error or the end of the request: no rows to keep
+            self._previewing(True)
         if runs:
             self.on_runs(runs)
 

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from pgguard.audit.recording import RecordedStatement
 from pgguard.audit.text import statement_texts
 
 
@@ -34,6 +35,7 @@ class StatementRun:
     sqlstate: str | None = None
     error: str | None = None
     executed: bool = True
+    preview: RecordedStatement | None = None  # the rows the client got (session recording)
 
     @property
     def duration_ms(self) -> float | None:

@@ -28,6 +28,7 @@ from pgguard.audit.store import open_stores
 from pgguard.audit.writer import AuditWriter
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
+from pgguard.metrics import Tally
 from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_from_rows
 from pgguard.policy.engine import limits_for
 from pgguard.policy.facts import StatementFacts
@@ -223,6 +224,7 @@ class Session:
         self._awaiting = 0  # statement records not yet durable (strict mode)
         self._held: list[bytes] | None = None  # client output held until they are
         self._stall_timer: asyncio.TimerHandle | None = None
+        self.outcome = "aborted"  # metrics: pgguard_connections_total{result}
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -236,6 +238,8 @@ class Session:
                 return
             if not started:
                 return
+            self.outcome = "accepted"
+            self.gateway.tally.connection("accepted")
             self._start_relay()
             await self._done
         except SessionEnded as exc:
@@ -244,9 +248,12 @@ class Session:
         except m.ProtocolError as exc:
             self._send_fatal(Fatal(exc.sqlstate, f"pgguard: {exc}"))
         finally:
+            if self.outcome != "accepted":
+                self.gateway.tally.connection(self.outcome)
             self._teardown()
 
     def _auth_failure(self, reason: str) -> None:
+        self.outcome = "auth_failed"
         self.gateway.auth_failed(reason)
         self._audit(self.audit_ctx.base("auth_failure", extra={"reason": reason}))
 
@@ -306,6 +313,7 @@ class Session:
                 self.client.write(b"N")
                 continue
             if isinstance(packet, m.CancelRequest):
+                self.outcome = "cancel"
                 await self.gateway.forward_cancel(packet.process_id, packet.secret_key)
                 return False
             assert isinstance(packet, m.StartupMessage)
@@ -349,6 +357,7 @@ class Session:
             )
 
         if self.gateway.draining:
+            self.outcome = "draining"
             raise SessionEnded(SHUTTING_DOWN)
 
         if startup.protocol != m.PROTOCOL_V3 or any(
@@ -502,6 +511,7 @@ class Session:
 
     # ------------------------------------------------------------------ upstream
     async def _connect_upstream(self, startup: m.StartupMessage) -> None:
+        self.outcome = "upstream_failed"  # until the session is accepted
         extra = {"session_id": self.info.session_id}
         try:
             conn = await connect_upstream(self.gateway, startup, extra)
@@ -531,8 +541,10 @@ class Session:
         upstream_transport = upstream.transport
         track_idle = self.settings.limits.idle_timeout > 0
         monotonic = time.monotonic
+        tally = self.gateway.tally  # byte counts: plain ints, folded into the metrics later
 
         def from_client(data: bytes) -> None:
+            tally.bytes_client_to_server += len(data)
             if track_idle:
                 self.last_active = monotonic()
             try:
@@ -547,6 +559,7 @@ class Session:
                 self.finish()
 
         def from_server(data: bytes) -> None:
+            tally.bytes_server_to_client += len(data)
             try:
                 to_client = core.from_server(data)
             except m.ProtocolError as exc:
@@ -615,7 +628,10 @@ class Session:
         assert self.identity is not None
         loop = asyncio.get_running_loop()
         if self.audit is not None:
-            core.track_statements(StatementTracker(time.time), self._on_runs)
+            rec = self.settings.recording
+            core.track_statements(
+                StatementTracker(time.time), self._on_runs, rec.max_rows, rec.max_bytes
+            )
             if self.audit.mode == "strict":
                 core.gate = self._audit_gate
             self._audit(self.audit_ctx.base("session_start"))
@@ -657,6 +673,7 @@ class Session:
             if self.guard is not None:
                 facts, audit_only = self.guard.describe(run.statement)
             record = statement_record(self.audit_ctx, run, facts, audit_only=audit_only)
+            self.gateway.tally.statement(record.class_, record.decision, record.duration_ms)
             if not strict:
                 self.audit.submit(record)
                 continue
@@ -755,6 +772,8 @@ class Gateway:
         self.worker_group: int | None = None  # the serving parent's pid when several workers run
         self._cancel_server: asyncio.base_events.Server | None = None
         self.stats: dict[str, int] = {"connections": 0, "auth_failures": 0, "upstream_errors": 0}
+        self.tally = Tally()  # plain counters, folded into the metrics (pgguard.metrics)
+        self.policy_error: str | None = None  # the last policy load's problems (/readyz)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ TLS contexts
@@ -789,8 +808,10 @@ class Gateway:
             for problem in result.errors:
                 log.error("policy: %s", problem)
             log.error("policy reload failed: keeping the policy in force")
+            self.policy_error = "; ".join(map(str, result.errors)) or "no valid policy"
             return False
         self.guard.set_policy(policy_in_force(result.policy))
+        self.policy_error = None
         for session in list(self.sessions):
             if session.guard is not None:
                 session.guard.apply_limits()
@@ -868,6 +889,7 @@ class Gateway:
     # ------------------------------------------------------------------ counters
     def auth_failed(self, reason: str) -> None:
         self.stats["auth_failures"] += 1
+        self.tally.auth_failure(reason)
 
     def upstream_error(self) -> None:
         self.stats["upstream_errors"] += 1
@@ -964,6 +986,7 @@ class Gateway:
     async def _serve_client(self, side: Side) -> None:
         if len(self.sessions) >= self.settings.limits.max_connections:
             side.write(fatal_bytes("53300", "sorry, too many clients already"))
+            self.tally.connection("refused_limit")
             side.close()
             return
         self.stats["connections"] += 1

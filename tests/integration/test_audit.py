@@ -235,3 +235,36 @@ def test_strict_mode_refuses_statements_when_the_store_fails(
             time.sleep(0.5)
     texts = [r.statement for r in statements(gw, "fay")]
     assert "select 2" in texts and "select 3" in texts
+
+
+def test_sessions_are_recorded_and_replayed(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gw = audited(make_gateway, tmp_path, recording={"max_rows": 5, "max_bytes": 65536})
+    with psycopg.connect(gw.dsn("gus"), autocommit=True) as conn:
+        conn.execute(b"select g, 'row ' || g as label from generate_series(1, 12) g").fetchall()
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute("select 1/0")
+    config = str(gw.config_path)
+    listing = subprocess.run(
+        [PGGUARD, "sessions", "list", "--config", config, "--user", "gus", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    [session] = [json.loads(line) for line in listing.splitlines()]
+
+    def show() -> str:
+        out = subprocess.run(
+            [PGGUARD, "sessions", "show", "--config", config, session["session_id"]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        return "" if "(still open)" in out else out  # wait for the session_end record
+
+    shown = eventually(show)
+    assert "=> select g, 'row ' || g as label from generate_series(1, 12) g" in shown
+    assert " 5 | row 5" in shown and "row 6" not in shown
+    assert "7 more rows not recorded" in shown and "(12 rows)" in shown
+    assert "=> select 1/0" in shown and "ERROR:  division by zero" in shown
