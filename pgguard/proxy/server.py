@@ -18,7 +18,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -809,6 +809,7 @@ class Gateway:
                 log.error("policy: %s", problem)
             log.error("policy reload failed: keeping the policy in force")
             self.policy_error = "; ".join(map(str, result.errors)) or "no valid policy"
+            self._audit_reload(result.files, [str(p) for p in result.errors])
             return False
         self.guard.set_policy(policy_in_force(result.policy))
         self.policy_error = None
@@ -817,7 +818,23 @@ class Gateway:
                 session.guard.apply_limits()
         log.info("policy loaded from %d file(s)", len(result.files))
         self._policy_signature = self._policy_files_signature()
+        self._audit_reload(result.files, [])
         return True
+
+    def _audit_reload(self, files: Sequence[str], errors: list[str]) -> None:
+        """A policy reload is an audit record too (applied, or refused and why)."""
+        if self.audit is None:
+            return
+        extra = {"files": list(files), "applied": not errors, "errors": errors[:20]}
+        self.audit.submit(
+            AuditRecord(
+                event="policy_reload",
+                ts=time.time(),
+                instance_id=self.instance_id,
+                decision=None,
+                extra=extra,
+            )
+        )
 
     def _policy_files_signature(self) -> tuple[tuple[str, float, int], ...]:
         import glob

@@ -268,3 +268,34 @@ def test_sessions_are_recorded_and_replayed(make_gateway: MakeGateway, tmp_path:
     assert " 5 | row 5" in shown and "row 6" not in shown
     assert "7 more rows not recorded" in shown and "(12 rows)" in shown
     assert "=> select 1/0" in shown and "ERROR:  division by zero" in shown
+
+
+def test_policy_reloads_and_tail_are_audited(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrules: []\n")
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    assert gw.proc is not None
+    policy.write_text("version: 1\nrules:\n  - name: BAD NAME\n")
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    reloads = eventually(lambda: records(gw, event="policy_reload"))
+    assert reloads and reloads[-1].extra["applied"] is False
+    with psycopg.connect(gw.dsn("hal"), autocommit=True) as conn:
+        conn.execute(b"select 'tail me'")
+    tail = subprocess.run(
+        [
+            PGGUARD,
+            "audit",
+            "tail",
+            "--config",
+            str(gw.config_path),
+            "--no-follow",
+            "--json",
+            "--last",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "select 'tail me'" in tail
