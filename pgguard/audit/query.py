@@ -67,12 +67,17 @@ def search_store(
     now: float | None = None,
     **filters: object,
 ) -> list[AuditRecord]:
-    """:meth:`SqlStore.search` with ``since`` / ``until`` as the CLI takes them."""
-    return store.search(
-        since=parse_time(since, now=now),
-        until=parse_time(until, now=now),
-        **filters,  # type: ignore[arg-type]
-    )
+    """:meth:`SqlStore.search` with ``since`` / ``until`` as the CLI takes them.
+
+    Without an explicit ``order``, a ``limit`` keeps the *newest* matching records (what a
+    reviewer looking at ``--limit 50`` wants), still returned oldest first.
+    """
+    lo, hi = parse_time(since, now=now), parse_time(until, now=now)
+    if "order" not in filters and filters.get("limit") is not None:
+        newest = store.search(since=lo, until=hi, order="desc", **filters)  # type: ignore[arg-type]
+        newest.reverse()
+        return newest
+    return store.search(since=lo, until=hi, **filters)  # type: ignore[arg-type]
 
 
 # -- output --------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class AuditWriter:
         self.errors = 0
         self.batches = 0
         self.abandoned = 0  # records left unwritten when the writer stopped
+        self._settled = 0  # submitted records written or given up on
+        self._unsealable = 0
 
         self._thread = threading.Thread(target=self._run, name="pgguard-audit", daemon=True)
         if start:
@@ -169,17 +171,20 @@ class AuditWriter:
             _call(on_durable, _unavailable(error) if error is not None else None)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted so far is written; False on timeout."""
+        """Wait until every record submitted before the call is written (records submitted
+        meanwhile are not waited for); False on timeout or if some could not be written."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._queue or self._batch or not self._resumed:
+            target = self.submitted
+            lost = self.abandoned + self._unsealable
+            while self._settled < target:
                 if not self._thread.is_alive():
-                    return not (self._queue or self._batch)
+                    break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._idle.wait(remaining if remaining is not None else 0.5)
-            return True
+            return self._settled >= target and self.abandoned + self._unsealable == lost
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Stop accepting records, write what is queued (retrying a failing store until
@@ -268,6 +273,8 @@ class AuditWriter:
                 log.exception("audit record dropped: cannot be sealed")
                 with self._lock:
                     self.dropped += 1
+                    self._unsealable += 1
+                    self._settled += 1
                 if callback is not None:
                     _call(callback, _unavailable(exc))
                 continue
@@ -290,14 +297,14 @@ class AuditWriter:
         callbacks = [cb for _, cb in self._batch if cb is not None]
         with self._lock:
             self.written += len(records)
+            self._settled += len(records)
             self.batches += 1
             self._batch = []
             self._done = set()
             if not self.healthy:
                 self._recovered()
             self._delay = self.retry_initial
-            if not self._queue:
-                self._idle.notify_all()
+            self._idle.notify_all()
         for cb in callbacks:
             _call(cb, None)
         return True
@@ -352,6 +359,7 @@ class AuditWriter:
             self._closing = True
             self.dropped += len(left)
             self.abandoned += len(left)
+            self._settled += len(left)
             self._idle.notify_all()
         if left:
             log.error(
