@@ -314,12 +314,21 @@ def audit_search(
 @click.option("--json", "as_json", is_flag=True)
 def audit_tail(config: Path | None, last: int, no_follow: bool, as_json: bool) -> None:
     """Print the newest records, then follow new ones."""
-    from pgguard.audit.query import json_line, render_table, tail
+    from pgguard.audit.query import json_line, tail, terminal_text
+    from pgguard.audit.records import format_ts
 
     store = _audit_store(config)
     try:
-        for record in tail(store, follow=not no_follow, last=last):
-            click.echo(json_line(record) if as_json else render_table([record]).rstrip("\n"))
+        for r in tail(store, follow=not no_follow, last=last):
+            if as_json:
+                click.echo(json_line(r))
+                continue
+            what = r.statement if r.event == "statement" else f"({r.event})"
+            click.echo(
+                f"{format_ts(r.ts)}  {terminal_text(r.user, limit=16):<16} "
+                f"{terminal_text(r.decision or '', limit=14):<14} "
+                f"{terminal_text(r.rule or '', limit=20):<20} {terminal_text(what, limit=120)}"
+            )
     except KeyboardInterrupt:
         pass
 
