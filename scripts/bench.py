@@ -22,6 +22,13 @@ writes (``GUARD_POLICY``, modelled on SPEC §3) and is logged into as a member o
 distinct-statement workloads (custom pgbench scripts, simple mode) run through it and through
 the policy-less ``pgguard``, alternating; the report quotes guard/pass-through ratios.
 
+Audit trail: three more ``pgguard serve`` instances like ``pgguard`` but with the audit on
+(``AUDIT_TARGETS``: buffered and strict into a SQLite file in the temp dir, strict into the
+database ``pgguard_audit`` of the same cluster). ``pgbench -S`` (simple, extended) runs
+through ``pgguard`` (audit off, the baseline) and each of them, alternating; after every
+audited run the script counts the statement records the run added to the store and checks
+that there are at least as many as the transactions pgbench reported.
+
 Usage::
 
     make bench                                # = scripts/bench.py --output docs/benchmarks.md
@@ -31,7 +38,8 @@ Usage::
 
 Flags: --duration S (10), --rounds N (2), --workers N (1), --output FILE, --clients "1,8",
 --modes "simple,extended,prepared", --skip-pgbouncer, --skip-pgguard, --skip-floor, --skip-guard
-(no guard-rules measurements), --idle-connections N (1000; 0 skips the memory test), --quick.
+(no guard-rules measurements), --skip-audit (no audit-trail measurements), --idle-connections N
+(1000; 0 skips the memory test), --quick.
 
 Everything started here is stopped on exit, error or Ctrl-C.
 """
@@ -51,6 +59,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -127,6 +136,19 @@ GUARD_WORKLOADS = (
         "SELECT abalance FROM pgbench_accounts t:aid WHERE t:aid.aid = :aid;\n",
     ),
 )
+# Audit trail: (target, audit.mode, store) for each audited pgguard; the baseline is pgguard.
+AUDIT_TARGETS = (
+    ("audit-buffered-sqlite", "buffered", "sqlite"),
+    ("audit-strict-sqlite", "strict", "sqlite"),
+    ("audit-strict-pg", "strict", "postgresql"),
+)
+AUDIT_MODES = ("simple", "extended")
+AUDIT_DB = "pgguard_audit"
+# Issue 5's targets: (audit mode, least ratio to pgguard with the audit off, clients or None
+# for every client count).
+AUDIT_GOALS = {"buffered": (0.9, None), "strict": (0.6, 8)}
+AUDIT_QUIET_S = 1.0  # the store has caught up once its count has not moved for this long
+AUDIT_CATCH_UP_TIMEOUT_S = 120.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
@@ -185,6 +207,25 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         fields = _stat_fields(pid)
         if fields is not None:
             ticks += sum(int(x) for x in fields[11:15])
+    return ticks / CLK_TCK
+
+
+def thread_cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of the live threads of ``pids`` other than each one's main thread (the
+    event loop's), in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            tids = [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rindex(")") + 2 :].split()
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / CLK_TCK
 
 
@@ -381,8 +422,10 @@ def start_pgguard(
     policy: Path | None = None,
     sub: str = BENCH_SUB,
     groups: Sequence[str] = ("bench",),
+    audit: dict[str, Any] | None = None,
 ) -> Target:
-    """``pgguard serve`` as target ``name``: no policy, or the policy file ``policy``."""
+    """``pgguard serve`` as target ``name``: no policy, or the policy file ``policy``; the
+    audit off, or configured by ``audit`` (the config file's ``audit`` section)."""
     from pgguard.identity import mint_token
 
     jwt_secret = secrets.token_urlsafe(32)
@@ -399,7 +442,7 @@ def start_pgguard(
         },
         "identity": {"algorithms": ["HS256"], "secret_env": "PGGUARD_JWT_SECRET"},
         "policies": [str(policy)] if policy is not None else [],
-        "audit": {"url": None},
+        "audit": dict(audit) if audit is not None else {"url": None},
         "limits": {"max_connections": 2000, "drain_timeout": "2s"},
         "log": {"level": "warning"},
     }
@@ -671,8 +714,16 @@ def run_matrix(
     return cells
 
 
-def run_cell(pgbench: str, targets: list[Target], cell: Cell, duration: int, rounds: int) -> None:
-    """``rounds`` runs of ``cell`` against each of ``targets``, alternating, into cell.runs."""
+def run_cell(
+    pgbench: str,
+    targets: list[Target],
+    cell: Cell,
+    duration: int,
+    rounds: int,
+    after: Callable[[Cell, Target, Run], None] | None = None,
+) -> None:
+    """``rounds`` runs of ``cell`` against each of ``targets``, alternating, into cell.runs;
+    ``after(cell, target, run)`` is called after each run, before the next starts."""
     for target in targets:
         cell.runs.setdefault(target.name, [])
     what = f"-M {cell.mode} -c {cell.clients}"
@@ -686,6 +737,8 @@ def run_cell(pgbench: str, targets: list[Target], cell: Cell, duration: int, rou
             if run.cpu_us_per_tx is not None:
                 shown += f", {run.cpu_us_per_tx:.1f} µs CPU/tx"
             log(f"{what} round {round_no} {target.name}: {shown}")
+            if after is not None:
+                after(cell, target, run)
 
 
 # --------------------------------------------------------------------------- guard rules
@@ -806,17 +859,17 @@ def verify_guard(psql: str, guard: Target, result: GuardResult) -> None:
         result.problems.append("guard log tail:\n" + guard_log_tail(guard))
 
 
-def note_failures(cell: Cell, targets: list[Target], result: GuardResult) -> None:
+def note_failures(cell: Cell, targets: list[Target], problems: list[str]) -> None:
     """Failed runs of ``cell`` become problems, with the failing target's log tail."""
     for target in targets:
         failed = [r for r in cell.runs.get(target.name, []) if r.error]
         if failed:
             what = f"{cell.workload} -M {cell.mode} -c {cell.clients} through {target.name}"
-            result.problems.append(
+            problems.append(
                 f"{len(failed)} run(s) of {what} failed: {failed[0].error}\n"
                 f"{target.name} log tail:\n{guard_log_tail(target)}"
             )
-            log(result.problems[-1])
+            log(problems[-1])
 
 
 def run_guard(
@@ -835,7 +888,7 @@ def run_guard(
         for clients in clients_list:
             cell = Cell(mode, clients)
             run_cell(pgbench, targets, cell, duration, rounds)
-            note_failures(cell, targets, result)
+            note_failures(cell, targets, result.problems)
             result.cells.append(cell)
     script_dir = workdir / "guard-scripts"
     script_dir.mkdir(exist_ok=True)
@@ -844,8 +897,353 @@ def run_guard(
         script.write_text(text)
         cell = Cell("simple", GUARD_DISTINCT_CLIENTS, workload=label, script=script)
         run_cell(pgbench, targets, cell, duration, rounds)
-        note_failures(cell, targets, result)
+        note_failures(cell, targets, result.problems)
         result.distinct.append(cell)
+
+
+# --------------------------------------------------------------------------- audit trail
+
+
+class AuditReader:
+    """Reads one audit store (the SQLite file, or the PostgreSQL database) from outside pgguard.
+
+    A store pgguard has not created yet reads as empty.
+    """
+
+    COUNT_SQL = "SELECT count(*) FROM audit_records WHERE event = 'statement'"
+    LAST_SQL = (
+        "SELECT username, statement FROM audit_records WHERE event = 'statement' "
+        "ORDER BY id DESC LIMIT 1"
+    )
+
+    def __init__(self, sqlite_path: Path | None = None, pg_dsn: dict[str, Any] | None = None):
+        self.sqlite_path = sqlite_path
+        self.pg_dsn = pg_dsn
+        self._pg: Any = None
+
+    def fetch(self, sql: str) -> list[tuple[Any, ...]]:
+        if self.sqlite_path is not None:
+            if not self.sqlite_path.exists():
+                return []
+            con = sqlite3.connect(self.sqlite_path, timeout=30)
+            try:
+                return list(con.execute(sql).fetchall())
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []
+                raise
+            finally:
+                con.close()
+        import psycopg
+
+        assert self.pg_dsn is not None
+        if self._pg is None or self._pg.closed:
+            self._pg = psycopg.connect(**self.pg_dsn, autocommit=True, connect_timeout=10)
+        try:
+            return list(self._pg.execute(sql).fetchall())
+        except psycopg.errors.UndefinedTable:
+            return []
+
+    def statements(self) -> int:
+        """Statement records in the store (session, auth and reload records left out)."""
+        rows = self.fetch(self.COUNT_SQL)
+        return int(rows[0][0]) if rows else 0
+
+    def last_statement(self) -> tuple[Any, ...] | None:
+        """(username, statement) of the newest statement record."""
+        rows = self.fetch(self.LAST_SQL)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        if self._pg is not None:
+            with suppress(Exception):
+                self._pg.close()
+            self._pg = None
+
+
+@dataclass
+class AuditTarget:
+    """An audited pgguard: the target, its audit mode and store, and how to read the store."""
+
+    target: Target
+    mode: str  # strict | buffered
+    store: str  # sqlite | postgresql
+    url_shown: str  # audit.url, password hidden, temp dir as $TMP
+    reader: AuditReader
+    count: int = 0  # statement records in the store after the last catch-up
+    thread_cpu: float = 0.0  # CPU seconds of pgguard's other threads, at the last catch-up
+
+    def snapshot(self) -> None:
+        """Take the store's count and the threads' CPU as the next run's starting point."""
+        self.count, _ = catch_up(self.reader, 0)
+        pids = self.target.service.pids() if self.target.service is not None else []
+        self.thread_cpu = thread_cpu_seconds(pids)
+
+
+@dataclass
+class AuditCount:
+    """The statement records one pgbench run through an audited target added to its store."""
+
+    target: str
+    audit_mode: str
+    mode: str
+    clients: int
+    round_no: int
+    transactions: int | None  # as pgbench reported them (None: the run failed)
+    at_exit: int | None  # added records, counted as soon as pgbench exited
+    settled: int | None  # added records, once the store stopped growing
+    catch_up_s: float | None  # from pgbench's exit to the store's last change
+    thread_us_per_tx: float | None = None  # CPU of threads other than the event loop's
+    error: str | None = None
+
+    def ok(self) -> bool | None:
+        """Records ≥ transactions (at pgbench's exit in strict mode: the results the client
+        saw were released only once durable); None when there is nothing to compare."""
+        if self.transactions is None or self.at_exit is None or self.settled is None:
+            return None
+        if self.audit_mode == "strict" and self.at_exit < self.transactions:
+            return False
+        return self.settled >= self.transactions
+
+
+@dataclass
+class AuditResult:
+    targets: list[AuditTarget] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)  # store facts (file system, fsync)
+    checks: list[str] = field(default_factory=list)  # what was verified before measuring
+    cells: list[Cell] = field(default_factory=list)  # pgbench -S, pgguard vs audited targets
+    counts: list[AuditCount] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def fs_type(path: Path) -> str:
+    """The file system ``path`` is on, from /proc/mounts: "type (mounted on /x)"."""
+    resolved = str(path.resolve())
+    best, kind = "", "unknown"
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, parts[2]
+    return f"{kind} (mounted on {best})" if best else kind
+
+
+def catch_up(reader: AuditReader, expect: int) -> tuple[int, float]:
+    """Wait for the store to stop growing: its statement count, and the seconds from the
+    call to the last change seen. Done when the count has not moved for AUDIT_QUIET_S and
+    has reached ``expect``, or has not moved for 5 x AUDIT_QUIET_S, or after the timeout."""
+    start = time.monotonic()
+    last, changed = reader.statements(), start
+    while True:
+        now = time.monotonic()
+        quiet = now - changed
+        if (
+            (quiet >= AUDIT_QUIET_S and last >= expect)
+            or quiet >= 5 * AUDIT_QUIET_S
+            or now - start >= AUDIT_CATCH_UP_TIMEOUT_S
+        ):
+            return last, changed - start
+        time.sleep(0.1)
+        count = reader.statements()
+        if count != last:
+            last, changed = count, time.monotonic()
+
+
+def start_audit(
+    stack: ExitStack,
+    workdir: Path,
+    pg: EmbeddedPostgres,
+    psql: str,
+    upstream_password: str,
+    workers: int,
+) -> AuditResult:
+    """The audited pgguard targets (AUDIT_TARGETS), each checked to record a ``select 1``.
+
+    A target that does not start or does not record is a problem in the report and is left
+    out; the others are measured.
+    """
+    from urllib.parse import quote
+
+    result = AuditResult()
+    result.setup.append(f"the bench temp dir (SQLite files) is on {fs_type(workdir)}")
+    if any(store == "postgresql" for _, _, store in AUDIT_TARGETS):
+        try:
+            pg.psql(f"CREATE DATABASE {AUDIT_DB} OWNER {UPSTREAM_ROLE};")
+            fsync = pg.psql("SHOW fsync").strip()
+            sync = pg.psql("SHOW synchronous_commit").strip()
+            result.setup.append(
+                f"the cluster runs fsync={fsync}, synchronous_commit={sync} (the store sets "
+                "synchronous_commit on in its own sessions)"
+            )
+        except Exception as exc:
+            result.problems.append(f"cannot create the database {AUDIT_DB}: {exc}")
+    for name, mode, store in AUDIT_TARGETS:
+        if store == "sqlite":
+            path = workdir / f"{name}.db"
+            url, shown = f"sqlite:///{path}", f"sqlite:///$TMP/{path.name}"
+            reader = AuditReader(sqlite_path=path)
+        else:
+            if any(AUDIT_DB in p for p in result.problems):
+                continue
+            netloc = f"{pg.host}:{pg.port}/{AUDIT_DB}?sslmode=disable"
+            url = f"postgresql+psycopg://{UPSTREAM_ROLE}:{quote(upstream_password, safe='')}"
+            url += f"@{netloc}"
+            shown = f"postgresql+psycopg://{UPSTREAM_ROLE}:***@{netloc}"
+            reader = AuditReader(
+                pg_dsn={
+                    "host": pg.host,
+                    "port": pg.port,
+                    "user": UPSTREAM_ROLE,
+                    "password": upstream_password,
+                    "dbname": AUDIT_DB,
+                    "sslmode": "disable",
+                }
+            )
+            stack.callback(reader.close)
+        try:
+            target = start_pgguard(
+                stack,
+                workdir,
+                pg,
+                upstream_password,
+                workers,
+                name=name,
+                audit={"url": url, "jsonl": None, "mode": mode},
+            )
+        except BenchError as exc:
+            result.problems.append(f"{name} did not start: {exc}")
+            log(result.problems[-1])
+            continue
+        audited = AuditTarget(target, mode, store, shown, reader)
+        problem = check_connects(psql, target)
+        if problem is None:
+            try:
+                audited.count, _ = catch_up(reader, 1)
+                last = reader.last_statement()
+            except Exception as exc:
+                problem = f"cannot read its store: {exc!r}"
+            else:
+                if audited.count < 1 or last is None:
+                    problem = "no statement record in its store after a select 1"
+                elif tuple(last) != (BENCH_SUB, "select 1"):
+                    problem = f"its newest statement record is {tuple(last)!r}, not a select 1"
+        if problem is not None:
+            result.problems.append(
+                f"{name} left out: {problem}\n{name} log tail:\n{guard_log_tail(target)}"
+            )
+            log(result.problems[-1])
+            continue
+        result.checks.append(
+            f"{name}: `select 1` through it is in its store as a statement record of "
+            f"{BENCH_SUB} ({audited.count} statement record(s) before measuring)"
+        )
+        result.targets.append(audited)
+    return result
+
+
+def audit_after(result: AuditResult) -> Callable[[Cell, Target, Run], None]:
+    """The run_cell hook: after a run through an audited target, wait for its store to catch
+    up, count the statement records the run added, check them against pgbench's transactions,
+    and charge the pgguard CPU spent catching up to the run's CPU per transaction."""
+    audited = {a.target.name: a for a in result.targets}
+
+    def after(cell: Cell, target: Target, run: Run) -> None:
+        at = audited.get(target.name)
+        if at is None:
+            return  # the baseline
+        round_no = len(cell.runs.get(target.name, []))
+        pids = target.service.pids() if target.service is not None else []
+        cpu_before = cpu_seconds(pids)
+        before = at.count
+        count = AuditCount(
+            target.name,
+            at.mode,
+            cell.mode,
+            cell.clients,
+            round_no,
+            run.transactions,
+            None,
+            None,
+            None,
+        )
+        try:
+            count.at_exit = at.reader.statements() - before
+            total, count.catch_up_s = catch_up(at.reader, before + (run.transactions or 0))
+        except Exception as exc:
+            count.error = f"cannot count the store's records: {exc!r}"
+            result.counts.append(count)
+            result.problems.append(f"{target.name} -M {cell.mode} -c {cell.clients}: {count.error}")
+            log(result.problems[-1])
+            return
+        count.settled = total - before
+        at.count = total
+        cpu_extra = cpu_seconds(pids) - cpu_before
+        if run.transactions and run.cpu_us_per_tx is not None:
+            run.cpu_us_per_tx += cpu_extra * 1e6 / run.transactions
+        # The target was idle since its last catch-up: its threads' CPU since then is this run's.
+        threads = thread_cpu_seconds(pids)
+        if run.transactions:
+            count.thread_us_per_tx = (threads - at.thread_cpu) * 1e6 / run.transactions
+        at.thread_cpu = threads
+        result.counts.append(count)
+        txns = f"{run.transactions:,}" if run.transactions is not None else "n/a"
+        log(
+            f"{target.name}: {count.at_exit:,} statement records at pgbench's exit, "
+            f"{count.settled:,} after {count.catch_up_s:.1f} s; {txns} transactions"
+            + (f"; CPU incl. catch-up {run.cpu_us_per_tx:.1f} µs/tx" if run.cpu_us_per_tx else "")
+        )
+        if count.ok() is False:
+            what = (
+                f"{target.name} ({at.mode}) -M {cell.mode} -c {cell.clients} round {round_no}: "
+                f"pgbench reported {run.transactions:,} transactions; the store had "
+                f"{count.at_exit:,} statement records of the run when pgbench exited and "
+                f"{count.settled:,} once it stopped growing"
+            )
+            if at.mode == "strict" and count.at_exit < (run.transactions or 0):
+                what = (
+                    f"BUG (strict mode released results before their records were durable): {what}"
+                )
+            else:
+                what = f"records lost: {what} (a full buffered queue drops records)"
+            result.problems.append(f"{what}\n{target.name} log tail:\n{guard_log_tail(target)}")
+            log(result.problems[-1])
+
+    return after
+
+
+def run_audit(
+    pgbench: str,
+    plain: Target,
+    result: AuditResult,
+    clients_list: list[int],
+    duration: int,
+    rounds: int,
+) -> None:
+    """pgbench -S through ``plain`` (audit off) and every audited target, alternating."""
+    targets = [plain, *(a.target for a in result.targets)]
+    after = audit_after(result)
+    warm = max(clients_list)
+    log(f"warming up pgguard and the audited targets (-M simple -c {warm}, 2 s each)")
+    for target in targets:
+        run_pgbench(pgbench, target, "simple", warm, 2)
+    for audited in result.targets:
+        try:
+            audited.snapshot()
+        except Exception as exc:  # the first run's count reports it
+            log(f"{audited.target.name}: cannot read its store after the warm-up: {exc!r}")
+    for mode in AUDIT_MODES:
+        for clients in clients_list:
+            cell = Cell(mode, clients)
+            run_cell(pgbench, targets, cell, duration, rounds, after)
+            note_failures(cell, targets, result.problems)
+            result.cells.append(cell)
 
 
 # --------------------------------------------------------------------------- idle connections
@@ -969,6 +1367,8 @@ class Context:
     memory: list[Memory] = field(default_factory=list)
     guard: GuardResult | None = None
     guard_skipped: str = ""  # why the guard-rules measurements were not made
+    audit: AuditResult | None = None
+    audit_skipped: str = ""  # why the audit-trail measurements were not made
 
 
 def _first_line(argv: list[str]) -> str:
@@ -1068,6 +1468,10 @@ def section_header(ctx: Context) -> str:
         "member of ai-agents (see Guard rules)."
         if ctx.guard is not None
         else f"- guard: not run ({ctx.guard_skipped}).",
+        "- audit-*: more `pgguard serve` instances like pgguard but with the audit trail on "
+        "(see Audit trail)."
+        if ctx.audit is not None
+        else f"- audit-*: not run ({ctx.audit_skipped}).",
         "",
         "Machine:",
         "",
@@ -1468,6 +1872,222 @@ def section_guard(ctx: Context) -> str:
     return "\n".join(lines)
 
 
+def _audit_goal(audit_mode: str, clients: int) -> float | None:
+    """Issue 5's least audited/pgguard ratio for this mode at ``clients``, else None."""
+    least, at = AUDIT_GOALS.get(audit_mode, (None, None))
+    return least if least is not None and (at is None or at == clients) else None
+
+
+def _problem_lines(problems: list[str]) -> list[str]:
+    lines = []
+    for problem in problems:
+        head, _, tail = problem.partition("\n")
+        lines.append(f"- {head}")
+        if tail:
+            lines += ["", "  ```", *[f"  {line}" for line in tail.splitlines()], "  ```"]
+    return lines
+
+
+def section_audit(ctx: Context) -> str:
+    lines = ["## Audit trail (pgbench -S with the audit on)", ""]
+    result = ctx.audit
+    if result is None:
+        return "\n".join([*lines, f"Not measured: {ctx.audit_skipped}."])
+    a = ctx.args
+    order = " → ".join(["pgguard", *(t.target.name for t in result.targets)])
+    lines += [
+        "`audit-*` are more `pgguard serve` instances, each like `pgguard` (same flags, "
+        "identity, no policy) but with the audit trail on, configured as below; session "
+        "recording is at its defaults (recording.max_rows 50, max_bytes 65536), as whenever "
+        "the audit is on. In `strict` mode a statement's result is held until its record is "
+        "committed (group commit: the writer thread commits what is queued in one "
+        "transaction); in `buffered` mode records go to a bounded queue and are written "
+        "behind. After a 2 s warm-up through each target, pgbench -S runs through each, "
+        f"alternating {order}, {a.rounds} round(s) of {a.duration} s per cell; medians "
+        "quoted. The ratio is to `pgguard` with the audit off in the same alternation, not "
+        "to the Pass-through table's runs. CPU µs/tx is pgguard's own (all its processes, "
+        "the audit writer thread included) from pgbench's start until the store stopped "
+        "growing after the run, so a backlog written after pgbench exits is charged to the "
+        "run. `of which other threads` is the part spent outside the event loop's thread: "
+        "in the audit writer thread (sealing, hashing, the store's driver); the rest, on the "
+        "event loop's thread, is the relay's share (building and submitting records, session "
+        "recording). The PostgreSQL store's backend burns "
+        "PostgreSQL's CPU, which is not counted here but is taken from the same cores as "
+        "pgbench's and the benchmark's backends. Targets (issue 5): buffered ≥ 0.9 x "
+        "pgguard, strict ≥ 0.6 x pgguard at `-c 8`.",
+        "",
+        table(
+            ["target", "audit.mode", "audit.url"],
+            [[t.target.name, t.mode, f"`{t.url_shown}`"] for t in result.targets],
+            text_columns=3,
+        ),
+    ]
+    if result.setup:
+        lines += ["", "Stores:", "", *[f"- {fact}" for fact in result.setup]]
+    if not result.targets:
+        lines += ["", "No audited target could be measured."]
+        if result.problems:
+            lines += ["", "Problems:", "", *_problem_lines(result.problems)]
+        return "\n".join(lines)
+
+    rows, goals = [], []
+    for cell in result.cells:
+        p, pc = cell.tps("pgguard"), cell.cpu("pgguard")
+        for at in result.targets:
+            name = at.target.name
+            t, tc = cell.tps(name), cell.cpu(name)
+            threads = [
+                c.thread_us_per_tx
+                for c in result.counts
+                if c.target == name
+                and c.mode == cell.mode
+                and c.clients == cell.clients
+                and c.thread_us_per_tx is not None
+            ]
+            goal = _audit_goal(at.mode, cell.clients)
+            if goal is None:
+                verdict = "—"
+            elif t is None or not p:
+                verdict = f"≥ {goal:.1f}: n/a"
+            else:
+                met = t / p >= goal
+                verdict = f"≥ {goal:.1f}: {'met' if met else '**missed**'}"
+                goals.append((at, cell, t / p, goal, met))
+            rows.append(
+                [
+                    cell.mode,
+                    str(cell.clients),
+                    name,
+                    fmt_tps(t),
+                    fmt_tps(p),
+                    fmt_ratio(t, p),
+                    verdict,
+                    fmt_us(tc),
+                    fmt_us(statistics.median(threads) if threads else None),
+                    fmt_us(pc),
+                    f"{tc - pc:+.1f}" if tc is not None and pc is not None else "n/a",
+                ]
+            )
+    lines += [
+        "",
+        table(
+            [
+                "mode",
+                "clients",
+                "target",
+                "TPS",
+                "pgguard TPS (audit off)",
+                "ratio to pgguard",
+                "issue 5 target",
+                "CPU µs/tx",
+                "of which other threads",
+                "pgguard CPU µs/tx",
+                "audit CPU extra µs/tx",
+            ],
+            rows,
+            text_columns=3,
+        ),
+        "",
+    ]
+    summary = []
+    for at in result.targets:
+        mine = [g for g in goals if g[0] is at]
+        if not mine:
+            continue
+        goal, where = mine[0][3], AUDIT_GOALS[at.mode][1]
+        missed = [f"{c.mode} -c {c.clients} ({r:.2f})" for _, c, r, _, ok in mine if not ok]
+        span = _span([r for _, _, r, _, _ in mine], "{:.2f}")
+        scope = f"at -c {where}" if where is not None else "in every cell"
+        text = f"{at.target.name}: ≥ {goal:.1f} x pgguard {scope}: ratio {span}; "
+        text += (
+            f"met in all {len(mine)} cell(s)"
+            if not missed
+            else f"missed in {len(missed)} of {len(mine)}: " + ", ".join(missed)
+        )
+        summary.append(text + ".")
+    if summary:
+        lines += ["Against issue 5's targets (ratios of the medians):", ""]
+        lines += [f"- {s}" for s in summary] + [""]
+
+    count_rows = []
+    for c in result.counts:
+        ok = c.ok()
+        count_rows.append(
+            [
+                c.mode,
+                str(c.clients),
+                str(c.round_no),
+                c.target,
+                f"{c.transactions:,}" if c.transactions is not None else "n/a",
+                f"{c.at_exit:,}" if c.at_exit is not None else "n/a",
+                f"{c.settled:,}" if c.settled is not None else "n/a",
+                f"{c.catch_up_s:.1f}" if c.catch_up_s is not None else "n/a",
+                "n/a" if ok is None else ("ok" if ok else "**SHORT**"),
+            ]
+        )
+    checked = [c.ok() for c in result.counts]
+    passed = sum(1 for ok in checked if ok)
+    failed = sum(1 for ok in checked if ok is False)
+    lines += [
+        "### Statement records against transactions",
+        "",
+        "After every run through an audited target the script counts the `statement` "
+        "records the run added to the store (session, auth and reload records left out): as "
+        "soon as pgbench exited, and again once the count had not moved for "
+        f"{AUDIT_QUIET_S:.0f} s (caught up: seconds from pgbench's exit to the last change "
+        "seen). Each pgbench -S transaction is one statement, and pgbench's setup queries add "
+        "a few, so records ≥ transactions is expected. In strict mode the count at pgbench's "
+        "exit must already reach it (pgbench saw each of those results, so each record was "
+        "durable before): a shortfall there is a bug. In buffered mode the count after "
+        "catch-up must.",
+        "",
+        table(
+            [
+                "mode",
+                "clients",
+                "round",
+                "target",
+                "transactions (pgbench)",
+                "records at pgbench exit",
+                "records after catch-up",
+                "caught up after (s)",
+                "records ≥ transactions",
+            ],
+            count_rows,
+            text_columns=4,
+        ),
+        "",
+        f"{passed} of {len(checked)} audited run(s) passed the check"
+        + (f"; **{failed} failed** (see Problems)." if failed else "."),
+        "",
+        "Checked through each audited target before measuring:",
+        "",
+        *[f"- {check}" for check in result.checks],
+    ]
+    if result.problems:
+        lines += ["", "Problems:", "", *_problem_lines(result.problems)]
+    raw_rows = []
+    for cell in result.cells:
+        for target, runs in cell.runs.items():
+            raw_rows.append(
+                [
+                    cell.mode,
+                    str(cell.clients),
+                    target,
+                    ", ".join(fmt_tps(r.tps) if r.tps is not None else "failed" for r in runs),
+                ]
+            )
+    lines += [
+        "",
+        "<details><summary>Every run (TPS, in run order)</summary>",
+        "",
+        table(["mode", "clients", "target", "TPS per round"], raw_rows, text_columns=3),
+        "",
+        "</details>",
+    ]
+    return "\n".join(lines)
+
+
 # Sections in document order; a later benchmark appends its own function here.
 SECTIONS: list[Callable[[Context], str]] = [
     section_header,
@@ -1475,6 +2095,7 @@ SECTIONS: list[Callable[[Context], str]] = [
     section_passthrough,
     section_bounds,
     section_guard,
+    section_audit,
     section_memory,
 ]
 
@@ -1526,6 +2147,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="leave out the guard-rules measurements (pgguard with a policy)",
     )
+    parser.add_argument(
+        "--skip-audit",
+        action="store_true",
+        help="leave out the audit-trail measurements (pgguard with the audit on)",
+    )
     parser.add_argument("--clients", type=_csv_ints, default=[1, 8], help='e.g. "1,8" (default)')
     parser.add_argument(
         "--modes",
@@ -1539,8 +2165,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: --duration 3 --rounds 1 (guard rules and floor included, unless "
-        "--skip-guard / --skip-floor)",
+        help="smoke run: --duration 3 --rounds 1 (guard rules, audit trail and floor "
+        "included, unless --skip-guard / --skip-audit / --skip-floor)",
     )
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -1680,6 +2306,23 @@ def run(args: argparse.Namespace, command: str) -> Context:
                 args.rounds,
             )
             ctx.guard = guard_result
+        if args.skip_audit:
+            ctx.audit_skipped = "--skip-audit"
+        elif args.skip_pgguard:
+            ctx.audit_skipped = "--skip-pgguard: the audited targets are compared with pgguard"
+        else:
+            wait_backends_gone(pg)
+            audit_result = start_audit(stack, workdir, pg, psql, password, args.workers)
+            if audit_result.targets:
+                run_audit(
+                    pgbench,
+                    next(t for t in targets if t.name == "pgguard"),
+                    audit_result,
+                    args.clients,
+                    args.duration,
+                    args.rounds,
+                )
+            ctx.audit = audit_result
         if args.idle_connections:
             for target in targets:
                 # floor stands for no proxy at all; its memory is not the question here.
