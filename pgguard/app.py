@@ -17,8 +17,10 @@ import anyio
 
 from pgguard.config import Settings
 from pgguard.identity import IdentityConfigError, TokenValidator
+from pgguard.metrics import start_multiprocess, worker_exited
 from pgguard.policy.loader import check_policy_files
 from pgguard.policy.model import Policy
+from pgguard.proxy.admin import start_admin
 from pgguard.proxy.server import Gateway, run_coroutine
 
 log = logging.getLogger("pgguard")
@@ -39,6 +41,7 @@ async def serve_async(
     gc.set_threshold(50_000, 20, 20)
     gateway.worker_id = worker_id
     gateway.worker_group = worker_group
+    admin = await start_admin(settings, gateway)  # /metrics, /healthz, /readyz
     await gateway.start()
     log.info(
         "pgguard listening on %s:%s (event loop: %s)",
@@ -63,6 +66,7 @@ async def serve_async(
             )
             await gateway.drain(settings.limits.drain_timeout)
             break
+    await admin.close()
     log.info("pgguard stopped", extra={"worker": worker_id})
 
 
@@ -94,6 +98,7 @@ def serve(settings: Settings) -> int:
         return 0
     children: dict[int, int] = {}
     group = os.getpid()
+    start_multiprocess()  # metrics: totals across workers (a temp dir, removed at exit)
     for worker_id in range(settings.workers):
         pid = os.fork()
         if pid == 0:
@@ -131,6 +136,7 @@ def serve(settings: Settings) -> int:
         except InterruptedError:
             continue
         worker_id = children.pop(pid, -1)
+        worker_exited(pid)
         if code != 0:
             status = 1
             log.error("worker %d exited with status %d", worker_id, code)

@@ -618,16 +618,11 @@ class Session:
         if client.closed or upstream.closed:
             self.finish()
             return
-        leftover = upstream.take_buffered()
-        if leftover:
-            from_server(leftover)
-        leftover = client.take_buffered()
-        if leftover:
-            from_client(leftover)
-
         assert self.identity is not None
         loop = asyncio.get_running_loop()
         if self.audit is not None:
+            # Before any buffered client input is relayed: a query sent while the session
+            # was being set up must be tracked (and, in strict mode, held) like any other.
             rec = self.settings.recording
             core.track_statements(
                 StatementTracker(time.time), self._on_runs, rec.max_rows, rec.max_bytes
@@ -635,6 +630,12 @@ class Session:
             if self.audit.mode == "strict":
                 core.gate = self._audit_gate
             self._audit(self.audit_ctx.base("session_start"))
+        leftover = upstream.take_buffered()
+        if leftover:
+            from_server(leftover)
+        leftover = client.take_buffered()
+        if leftover:
+            from_client(leftover)
         if self.settings.identity.end_session_on_expiry:
             delay = max(0.0, self.identity.expires_at - time.time())
             self._expiry_handle = loop.call_later(delay, self.end, TOKEN_EXPIRED)
