@@ -376,6 +376,8 @@ class Session:
             raise SessionEnded(Fatal("28000", "pgguard: token too large")) from exc
         if type_code != b"p":
             raise m.ProtocolError(f"expected password response, got message type {type_code!r}")
+        # Whatever the client pipelined behind the password belongs to the relay.
+        self.client.unread(reader.take_buffer())
         token = m.PasswordMessage.decode_body(body).password.decode("utf-8", "replace")
         try:
             identity = await self.gateway.validator.validate(token)

@@ -299,3 +299,30 @@ def test_policy_reloads_and_tail_are_audited(make_gateway: MakeGateway, tmp_path
         check=True,
     ).stdout
     assert "select 'tail me'" in tail
+
+
+def test_a_query_sent_with_the_password_is_audited(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """A client may pipeline its first query right behind the password: it must be recorded."""
+    import socket as socketlib
+
+    from pgguard.protocol import messages as m
+
+    gw = audited(make_gateway, tmp_path)
+    token = gw.token("ivy")
+    with socketlib.create_connection((gw.host, gw.port), timeout=10) as sock:
+        sock.sendall(m.StartupMessage((("user", "ivy"), ("database", "app"))).encode())
+        assert sock.recv(1024)[:1] == b"R"  # AuthenticationCleartextPassword
+        sock.sendall(
+            m.PasswordMessage(token.encode()).encode() + m.Query("select 'first one'").encode()
+        )
+        received = b""
+        while received.count(b"Z\x00\x00\x00\x05") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        assert b"first one" in received
+        sock.sendall(m.Terminate().encode())
+    texts = [r.statement for r in statements(gw, "ivy")]
+    assert texts == ["select 'first one'"]
