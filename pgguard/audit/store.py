@@ -28,7 +28,9 @@ import contextlib
 import fcntl
 import json
 import os
+import sqlite3
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -648,9 +650,20 @@ def _sqlite_events(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cur = dbapi_connection.cursor()
         try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
             cur.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            # Switching to WAL takes an exclusive lock that the busy handler does not wait for
+            # when several processes open a new file at once (workers starting together).
+            for attempt in range(100):
+                try:
+                    row = cur.execute("PRAGMA journal_mode").fetchone()
+                    if row is None or str(row[0]).lower() != "wal":
+                        cur.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 99:
+                        raise
+                    time.sleep(0.05)
+            cur.execute("PRAGMA synchronous=FULL")
         finally:
             cur.close()
 
