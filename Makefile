@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench venv node clean
+.PHONY: run test lint bench venv node clean compose-up
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: venv
 
 bench: venv
 	$(BIN)/python scripts/bench.py --output docs/benchmarks.md $(BENCH_ARGS)
+
+# Where Docker runs: pgguard, PostgreSQL, Prometheus and Grafana (deploy/README.md).
+compose-up:
+	docker compose -f deploy/docker-compose.yml up --build
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache
