@@ -60,7 +60,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from pgguard.audit.chain import Link
-from pgguard.audit.records import AuditRecord, decode_extra
+from pgguard.audit.records import JSON_KEYS, AuditRecord, decode_extra
 
 SCHEMA_VERSION_TABLE = "pgguard_schema"
 RECORDS_TABLE = "audit_records"
@@ -177,42 +177,10 @@ def _dumps_list(items: tuple[Any, ...]) -> str:
 
 
 # Insert columns, in the order of _row_tuple.
-_INSERT_COLUMNS: tuple[str, ...] = (
-    "event",
-    "ts",
-    "instance_id",
-    "seq",
-    "session_id",
-    "username",
-    "email",
-    "groups",
-    "agent",
-    "client_addr",
-    "application_name",
-    "database",
-    "upstream_role",
-    "prompt_id",
-    "prompt_source",
-    "protocol",
-    "statement_name",
-    "portal",
-    "statement",
-    "fingerprint",
-    "params",
-    "class",
-    "command",
-    "objects",
-    "decision",
-    "rule",
-    "approval_id",
-    "masked_columns",
-    "row_count",
-    "sqlstate",
-    "duration_ms",
-    "prev_hash",
-    "hash",
-    "extra",
-)
+# The JSON keys in order, under the two column names that differ (``user`` and ``rows`` are
+# reserved words in SQL).
+_COLUMN_NAMES = {"user": "username", "rows": "row_count"}
+_INSERT_COLUMNS: tuple[str, ...] = tuple(_COLUMN_NAMES.get(key, key) for key in JSON_KEYS)
 
 
 def _row_tuple(r: AuditRecord) -> tuple[Any, ...]:

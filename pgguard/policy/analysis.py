@@ -86,7 +86,7 @@ from pglast import ast, parser
 
 from pgguard.policy.catalog import effective_search_path, split_search_path
 from pgguard.policy.facts import Catalog, RelationInfo, StatementClass, StatementFacts
-from pgguard.policy.identity_guard import protected_setting
+from pgguard.policy.identity_guard import const_string, protected_setting
 
 __all__ = [
     "DANGEROUS_FUNCTIONS",
@@ -360,21 +360,6 @@ def _wrapped(node: Any) -> tuple[str, Node] | None:
         for key, value in node.items():
             if type(value) is dict:
                 return key, value
-    return None
-
-
-def _const_string(node: Any) -> str | None:
-    """The string value of a constant (``'x'``, ``'x'::text``), else None."""
-    item = _wrapped(node)
-    if item is None:
-        return None
-    kind, body = item
-    if kind == "TypeCast":
-        return _const_string(body.get("arg"))
-    if kind == "A_Const":
-        sval = body.get("sval")
-        if type(sval) is dict:
-            return str(sval.get("sval", ""))
     return None
 
 
@@ -944,7 +929,7 @@ class _Walker:
 
     def _set_config(self, args: Sequence[Any]) -> None:
         self.cls("session")
-        setting = _const_string(args[0]) if args else None
+        setting = const_string(args[0]) if args else None
         if setting is None:
             self.cls("function")
             self.note("set_config() with a non-constant setting name")
@@ -965,7 +950,7 @@ class _Walker:
             return
         if lowered != "search_path":
             return
-        value = _const_string(args[1]) if len(args) > 1 else None
+        value = const_string(args[1]) if len(args) > 1 else None
         if value is None:
             self.cls("function")
             self.note("search_path set to a non-constant value; it cannot be tracked")
@@ -1487,7 +1472,7 @@ def _s_variable_set(w: _Walker, body: Node) -> str:
             w.search_path_is_local = False
     elif name == "search_path" and w.executing:
         if kind == "VAR_SET_VALUE":
-            values = [_const_string(arg) for arg in body.get("args", ())]
+            values = [const_string(arg) for arg in body.get("args", ())]
             if all(v is not None for v in values):
                 w.sets_search_path = tuple(v for v in values if v is not None)
             else:

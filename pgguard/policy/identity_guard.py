@@ -116,18 +116,19 @@ def _walk(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
             stack.extend(item)
 
 
-def _const_string(node: dict[str, Any]) -> str | None:
-    const = node.get("A_Const")
-    if const is None:
-        # A cast of a constant, e.g. 'role'::text
-        cast = node.get("TypeCast")
-        if cast is not None:
-            return _const_string(cast.get("arg", {}))
+def const_string(node: Any) -> str | None:
+    """The string value of a constant node (``'x'``, ``'x'::text``) of pglast's JSON tree."""
+    if type(node) is not dict or len(node) != 1:
         return None
-    sval = const.get("sval")
-    if isinstance(sval, dict):
-        value = sval.get("sval", "")
-        return str(value)
+    ((kind, body),) = node.items()
+    if type(body) is not dict:
+        return None
+    if kind == "TypeCast":
+        return const_string(body.get("arg"))
+    if kind == "A_Const":
+        sval = body.get("sval")
+        if type(sval) is dict:
+            return str(sval.get("sval", ""))
     return None
 
 
@@ -169,7 +170,7 @@ def check_identity(
                 return Refusal(RULE, f'changing "{name}" is not allowed through pgguard')
             if node.get("kind") == "VAR_SET_VALUE":
                 args = node.get("args") or []
-                value = _const_string(args[0]) if args else None
+                value = const_string(args[0]) if args else None
                 if value is None and args:
                     const = args[0].get("A_Const", {})
                     if "ival" in const:
@@ -193,12 +194,12 @@ def check_identity(
             names = [n.get("String", {}).get("sval", "") for n in node.get("funcname", [])]
             if names and names[-1].lower() == "set_config":
                 args = node.get("args") or []
-                setting = _const_string(args[0]) if args else None
+                setting = const_string(args[0]) if args else None
                 if setting is None:
                     return Refusal(RULE, "set_config() with a non-constant name is not allowed")
                 if protected_setting(setting):
                     return Refusal(RULE, f'changing "{setting}" is not allowed through pgguard')
-                value = _const_string(args[1]) if len(args) > 1 else None
+                value = const_string(args[1]) if len(args) > 1 else None
                 reason = unsafe_setting(setting, value)
                 if reason is not None:
                     return Refusal(SAFETY_RULE, reason)
