@@ -11,11 +11,17 @@ DataRows and tests can use any driver):
 * ``kind``: ``'r'`` for a relation, ``'f'`` for a function.
 * ``doc``: a JSON array, as text.
 
-  - relation: ``[oid, schema, name, relkind, [column, ...], [[dep_schema, dep_name], ...]]``
-    (the dependencies are the relations a view or materialized view reads, from
-    ``pg_depend`` entries of its ``_RETURN`` rule in ``pg_rewrite``);
-  - function: ``[oid, schema, name, provolatile, prokind, builtin, prosecdef, language]``
-    (``builtin`` is ``oid < 16384``, i.e. shipped with PostgreSQL).
+  - relation: ``[oid, schema, name, relkind, [column, ...], [[dep_schema, dep_name], ...],
+    [[attnum, type_oid, typmod], ...], definition]`` (the dependencies are the relations a
+    view or materialized view reads, from ``pg_depend`` entries of its ``_RETURN`` rule in
+    ``pg_rewrite``; ``definition`` is ``pg_get_viewdef`` for views and materialized views);
+  - function: ``[oid, schema, name, provolatile, prokind, builtin, prosecdef, language,
+    retset, body, search_path]`` (``builtin`` is ``oid < 16384``, i.e. shipped with
+    PostgreSQL; ``body`` is the SQL of a non-built-in SQL function; ``search_path`` the one
+    its ``proconfig`` sets);
+  - ``'s'``: ``[search_path, current_user]`` of the loading session. ``pg_get_viewdef``
+    qualifies exactly the names that this path would not find, so view definitions resolve
+    along it (:attr:`CatalogSnapshot.definition_search_path`).
 
 Relations of kinds ``r v m p f S`` are loaded (tables, views, materialized views,
 partitioned and foreign tables, sequences) from every schema except TOAST and other
@@ -60,7 +66,13 @@ SELECT 'r'::text AS kind,
                              JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
                             WHERE rw.ev_class = c.oid AND d.refobjid <> c.oid
                               AND dc.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')) dep),
-                  '[]'::json)
+                  '[]'::json),
+         COALESCE((SELECT json_agg(json_build_array(a.attnum, a.atttypid::bigint, a.atttypmod)
+                                   ORDER BY a.attnum)
+                     FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+                  '[]'::json),
+         CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END
        )::text AS doc
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -72,12 +84,18 @@ UNION ALL
 SELECT 'f'::text,
        json_build_array(
          p.oid::bigint, n.nspname, p.proname, p.provolatile, p.prokind,
-         p.oid < 16384, p.prosecdef, l.lanname
+         p.oid < 16384, p.prosecdef, l.lanname, p.proretset,
+         CASE WHEN l.lanname = 'sql' AND p.oid >= 16384 THEN p.prosrc END,
+         (SELECT substr(cfg, 13) FROM pg_catalog.unnest(p.proconfig) cfg
+           WHERE cfg LIKE 'search\_path=%' LIMIT 1)
        )::text
   FROM pg_catalog.pg_proc p
   JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
   JOIN pg_catalog.pg_language l ON l.oid = p.prolang
  WHERE NOT pg_catalog.pg_is_other_temp_schema(n.oid)
+UNION ALL
+SELECT 's'::text,
+       json_build_array(pg_catalog.current_setting('search_path'), current_user)::text
 """
 
 
@@ -96,16 +114,30 @@ class CatalogSnapshot:
     would, so it judges all of them.
     """
 
-    __slots__ = ("_functions", "_relations", "function_count", "relation_count")
+    __slots__ = (
+        "_by_oid",
+        "_functions",
+        "_relations",
+        "definition_search_path",
+        "function_count",
+        "relation_count",
+    )
 
     def __init__(
         self,
         relations: Iterable[RelationInfo] = (),
         functions: Iterable[FunctionInfo] = (),
+        definition_search_path: Sequence[str] = ("pg_catalog", "public"),
     ) -> None:
         rels: dict[tuple[str, str], RelationInfo] = {}
+        by_oid: dict[int, RelationInfo] = {}
         for rel in relations:
             rels.setdefault((rel.schema, rel.name), rel)
+            by_oid.setdefault(rel.oid, rel)
+        self._by_oid = by_oid
+        #: The effective search_path view definitions (and function bodies without their
+        #: own path) were written for.
+        self.definition_search_path = tuple(definition_search_path)
         funcs: dict[tuple[str, str], list[FunctionInfo]] = {}
         for fn in functions:
             funcs.setdefault((fn.schema, fn.name), []).append(fn)
@@ -148,6 +180,9 @@ class CatalogSnapshot:
                 found.extend(candidates)
         return found
 
+    def relation_by_oid(self, oid: int) -> RelationInfo | None:
+        return self._by_oid.get(oid)
+
     def all_relations(self) -> tuple[RelationInfo, ...]:
         return tuple(self._relations.values())
 
@@ -181,6 +216,7 @@ def snapshot_from_rows(rows: Iterable[Sequence[object]]) -> CatalogSnapshot:
     """
     relations: list[RelationInfo] = []
     functions: list[FunctionInfo] = []
+    path: tuple[str, ...] = ("pg_catalog", "public")
     for row in rows:
         kind = row[0]
         if isinstance(kind, bytes | bytearray | memoryview):
@@ -188,6 +224,7 @@ def snapshot_from_rows(rows: Iterable[Sequence[object]]) -> CatalogSnapshot:
         doc = _decode(row[1])
         if kind == "r":
             oid, schema, name, relkind, columns, deps = doc[:6]
+            attrs = doc[6] if len(doc) > 6 and doc[6] else []
             relations.append(
                 RelationInfo(
                     oid=int(oid),
@@ -196,6 +233,9 @@ def snapshot_from_rows(rows: Iterable[Sequence[object]]) -> CatalogSnapshot:
                     kind=str(relkind),
                     columns=tuple(str(c) for c in columns or ()),
                     depends_on=tuple(f"{s}.{n}" for s, n in deps or ()),
+                    attnums=tuple(int(a[0]) for a in attrs),
+                    column_types=tuple((int(a[1]), int(a[2])) for a in attrs),
+                    definition=str(doc[7]) if len(doc) > 7 and doc[7] is not None else None,
                 )
             )
         elif kind == "f":
@@ -210,9 +250,20 @@ def snapshot_from_rows(rows: Iterable[Sequence[object]]) -> CatalogSnapshot:
                     builtin=_as_bool(builtin),
                     security_definer=_as_bool(secdef),
                     language=str(language),
+                    returns_set=_as_bool(doc[8]) if len(doc) > 8 else False,
+                    body=str(doc[9]) if len(doc) > 9 and doc[9] is not None else None,
+                    body_search_path=(
+                        str(doc[10]) if len(doc) > 10 and doc[10] is not None else None
+                    ),
                 )
             )
-    return CatalogSnapshot(relations, functions)
+        elif kind == "s":
+            setting, user = doc[:2]
+            try:
+                path = effective_search_path(str(setting), str(user))
+            except ValueError:
+                pass
+    return CatalogSnapshot(relations, functions, path)
 
 
 def split_search_path(setting: str) -> tuple[str, ...]:

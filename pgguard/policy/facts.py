@@ -44,10 +44,24 @@ class RelationInfo:
     # For views: the relations the view reads (schema.name), so a rule on a base table also
     # applies through the view.
     depends_on: tuple[str, ...] = ()
+    # Per column of ``columns``: its attribute number and (type oid, typmod).
+    attnums: tuple[int, ...] = ()
+    column_types: tuple[tuple[int, int], ...] = ()
+    # Views and materialized views: the defining query (pg_get_viewdef), whose names resolve
+    # along the catalog's ``definition_search_path``.
+    definition: str | None = None
 
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}"
+
+    def column_type(self, column: str) -> tuple[int, int] | None:
+        """(type oid, typmod) of ``column``, when the catalog has it."""
+        try:
+            i = self.columns.index(column)
+        except ValueError:
+            return None
+        return self.column_types[i] if i < len(self.column_types) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +76,11 @@ class FunctionInfo:
     builtin: bool = False  # oid < 16384 (FirstNormalObjectId): shipped with PostgreSQL
     security_definer: bool = False
     language: str = "internal"
+    returns_set: bool = False
+    # Non-built-in SQL-language functions: the body's SQL text, and the search_path the
+    # function sets for itself (proconfig), if any.
+    body: str | None = None
+    body_search_path: str | None = None
 
     @property
     def qualified(self) -> str:
