@@ -621,6 +621,20 @@ class _Scope:
         self.ctes: set[str] | None = None
 
 
+def column_ref_names(body: Node) -> tuple[list[str], bool]:
+    """The names of a ColumnRef (``a.b.c`` → ``["a", "b", "c"]``) and whether it ends in
+    ``*``."""
+    names: list[str] = []
+    star = False
+    for item in body.get("fields", ()):
+        s = item.get("String")
+        if s is None:
+            star = True  # A_Star
+        else:
+            names.append(s.get("sval", ""))
+    return names, star
+
+
 # --------------------------------------------------------------------------- the walker
 
 Handler = Callable[["_Walker", Node], None]
@@ -833,14 +847,7 @@ class _Walker:
 
     def column_ref(self, body: Node) -> None:
         self.colrefs += 1
-        names: list[str] = []
-        star = False
-        for item in body.get("fields", ()):
-            s = item.get("String")
-            if s is None:
-                star = True  # A_Star
-            else:
-                names.append(s.get("sval", ""))
+        names, star = column_ref_names(body)
         entry: _Entry | None
         if star:
             if not names:

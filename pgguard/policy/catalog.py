@@ -30,6 +30,7 @@ sessions' temporary schemas.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -87,7 +88,7 @@ SELECT 'f'::text,
          p.oid < 16384, p.prosecdef, l.lanname, p.proretset,
          CASE WHEN l.lanname = 'sql' AND p.oid >= 16384 THEN p.prosrc END,
          (SELECT substr(cfg, 13) FROM pg_catalog.unnest(p.proconfig) cfg
-           WHERE cfg LIKE 'search\_path=%' LIMIT 1)
+           WHERE cfg LIKE 'search\\_path=%' LIMIT 1)
        )::text
   FROM pg_catalog.pg_proc p
   JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
@@ -115,6 +116,7 @@ class CatalogSnapshot:
     """
 
     __slots__ = (
+        "__weakref__",
         "_by_oid",
         "_functions",
         "_relations",
@@ -259,10 +261,8 @@ def snapshot_from_rows(rows: Iterable[Sequence[object]]) -> CatalogSnapshot:
             )
         elif kind == "s":
             setting, user = doc[:2]
-            try:
+            with contextlib.suppress(ValueError):
                 path = effective_search_path(str(setting), str(user))
-            except ValueError:
-                pass
     return CatalogSnapshot(relations, functions, path)
 
 
