@@ -132,21 +132,62 @@ def policy() -> None:
 @policy.command("check")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--dsn",
+    default=None,
+    envvar="PGGUARD_CHECK_DSN",
+    help="Also check every mask against the column types of this live database (libpq DSN).",
+)
 @click.argument("files", nargs=-1)
-def policy_check(config: Path | None, as_json: bool, files: tuple[str, ...]) -> None:
+def policy_check(
+    config: Path | None, as_json: bool, dsn: str | None, files: tuple[str, ...]
+) -> None:
     """Validate the policy files (default: the configuration's `policies`).
 
     Lists every error with its file and rule, warns about rules that can never match, and
-    exits non-zero on any error."""
+    exits non-zero on any error. With --dsn, a mask whose function cannot apply to the type
+    of a column it matches is an error too."""
     from pgguard.policy.loader import check_policy_files
 
     patterns = list(files) if files else _load(config).policies
     result = check_policy_files(patterns)
+    type_errors: list[str] = []
+    type_warnings: list[str] = []
+    if dsn and result.policy is not None:
+        from pgguard.masking.plan import mask_type_problems
+
+        for mask, column, reason, is_error in mask_type_problems(
+            result.policy.masks, _live_catalog(dsn)[0]
+        ):
+            line = f"mask {mask.column} ({mask.function}) on {column}: {reason}"
+            (type_errors if is_error else type_warnings).append(line)
+    ok = result.ok and not type_errors
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        doc = result.to_dict()
+        doc["ok"] = ok
+        doc["type_errors"] = type_errors
+        doc["type_warnings"] = type_warnings
+        click.echo(json.dumps(doc, indent=2))
     else:
+        for line in type_errors:
+            click.echo(f"error: {line}")
+        for line in type_warnings:
+            click.echo(f"warning: {line}")
         click.echo(result.report())
-    sys.exit(0 if result.ok else 1)
+    sys.exit(0 if ok else 1)
+
+
+def _live_catalog(dsn: str) -> tuple[Any, tuple[str, ...], str, str]:
+    """(catalog snapshot, effective search_path, current user, database) of a live server."""
+    import psycopg
+
+    from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_from_rows
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        catalog = snapshot_from_rows(conn.execute(CATALOG_SQL).fetchall())
+        row = conn.execute("select current_setting('search_path'), current_user").fetchone()
+        assert row is not None
+        return catalog, effective_search_path(row[0], row[1]), row[1], conn.info.dbname
 
 
 @policy.command("explain")
@@ -172,19 +213,15 @@ def policy_explain(
     sql: str,
 ) -> None:
     """Show the decision for SQL: matched rules, classes, objects and masked columns."""
+    from dataclasses import replace
+
     from pgguard.policy.analysis import AnalysisError, analyse
-    from pgguard.policy.catalog import (
-        CATALOG_SQL,
-        CatalogSnapshot,
-        effective_search_path,
-        snapshot_from_rows,
-    )
+    from pgguard.policy.catalog import CatalogSnapshot
     from pgguard.policy.engine import (
         Principal,
         decide_many,
         explain_text,
         limits_for,
-        mask_for_column,
         masks_for,
     )
     from pgguard.policy.identity_guard import check_identity
@@ -200,15 +237,7 @@ def policy_explain(
     search_path: tuple[str, ...] = ("pg_catalog", "public")
     current_user = ""
     if dsn:
-        import psycopg
-
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            catalog = snapshot_from_rows(conn.execute(CATALOG_SQL).fetchall())
-            row = conn.execute("select current_setting('search_path'), current_user").fetchone()
-            assert row is not None
-            current_user = row[1]
-            search_path = effective_search_path(row[0], current_user)
-            database = conn.info.dbname
+        catalog, search_path, current_user, database = _live_catalog(dsn)
     principal = Principal(user, tuple(g.strip() for g in groups.split(",") if g.strip()), agent)
     refusal = check_identity(sql, role_mapped=bool(settings.identity.role_map))
     if refusal is not None:
@@ -226,13 +255,29 @@ def policy_explain(
     decision = decide_many(policy, principal, database, facts)
     masks = masks_for(policy, principal)
     masked: list[tuple[str, str]] = []
-    for f in facts:
-        for column in f.columns:
-            parts = column.split(".")
-            if len(parts) == 3:
-                mask = mask_for_column(masks, *parts)
+    if masks:
+        from pgguard.masking.lineage import lineage
+        from pgguard.masking.plan import plan_statement
+
+        for n, statement in enumerate(lineage(sql, catalog, search_path), 1):
+            plan = plan_statement(statement, masks, catalog)
+            prefix = f"statement {n} " if len(facts) > 1 else ""
+            if plan.refusal is not None and decision.allowed:
+                decision = replace(
+                    decision, action="deny", rule=plan.refusal.rule, message=plan.refusal.message
+                )
+            planned = plan.result
+            if planned is None:
+                continue
+            for i, mask in enumerate(planned.columns or ()):
                 if mask is not None:
-                    masked.append((column, str(mask.function)))
+                    origin = ", ".join(mask.sources) or mask.label
+                    masked.append((f"{prefix}result column {i + 1} ({origin})", str(mask.function)))
+            if planned.rest is not None:
+                what = "every other result column" if planned.columns else "every result column"
+                masked.append(
+                    (f"{prefix}{what} ({planned.rest.label})", str(planned.rest.function))
+                )
     click.echo(
         explain_text(decision, facts, masked, limits=limits_for(policy, principal, database))
     )

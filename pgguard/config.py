@@ -136,6 +136,20 @@ class ApprovalSettings(_Section):
     webhook_url: str | None = None
 
 
+class MaskingSettings(_Section):
+    # HMAC key of the keyed masks (hash, pseudo, noise). Every replica needs the same one so
+    # that masked values agree across them. Without one, keyed masks fall back to redact.
+    secret_env: str | None = "PGGUARD_MASKING_SECRET"
+    secret_file: Path | None = None
+
+    def secret(self) -> bytes:
+        if self.secret_file is not None:
+            return self.secret_file.read_bytes().strip()
+        if self.secret_env:
+            return os.environ.get(self.secret_env, "").encode("utf-8")
+        return b""
+
+
 class LimitSettings(_Section):
     max_connections: int = Field(1000, ge=1)
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -169,6 +183,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     recording: RecordingSettings = RecordingSettings()
     approvals: ApprovalSettings = ApprovalSettings()
+    masking: MaskingSettings = MaskingSettings()
     limits: LimitSettings = LimitSettings()
     log: LogSettings = LogSettings()
     workers: int = Field(1, ge=1, le=64)

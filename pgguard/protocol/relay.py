@@ -14,7 +14,7 @@ import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pgguard.audit.recording import SessionRecorder
 from pgguard.policy.identity_guard import Refusal, unsafe_setting
@@ -36,6 +36,9 @@ from pgguard.protocol.messages import (
     error_fields,
 )
 from pgguard.protocol.statements import StatementRun, StatementTracker
+
+if TYPE_CHECKING:
+    from pgguard.masking.session import SessionMasking
 
 # Type bytes as ints, for the hot path.
 _Q, _P, _S, _F, _X, _H, _B = 81, 80, 83, 70, 88, 72, 66
@@ -62,6 +65,10 @@ _TRACKED_REPLIES = frozenset(_TRACK_SERVER)
 # Called with the statements whose outcome just became known.
 RunsCallback = Callable[[list[StatementRun]], None]
 _ROW_LIMIT_TYPES = frozenset((_D, _C, _E, _Z))
+# Masking follows every request and reply that starts, describes or ends a result.
+MASKING_CLIENT_TYPES = b"QPBDECSF"
+MASKING_SERVER_TYPES = b"TntCIsEZHdcG"
+_DESCRIPTIONS = frozenset(b"Tn")
 # ReadyForQuery status byte → the bytes object, without slicing a new one per message.
 _STATUS = [bytes((i,)) for i in range(256)]
 _ASYNC = frozenset(b"ANS")  # NotificationResponse, NoticeResponse, ParameterStatus
@@ -97,6 +104,7 @@ class RelayCore:
     __slots__ = (
         "_client",
         "_epoch_seen",
+        "_extra_server",
         "_internal_active",
         "_internal_error",
         "_internal_queue",
@@ -119,6 +127,8 @@ class RelayCore:
         "epoch",
         "gate",
         "hook",
+        "masking",
+        "masking_wanted",
         "max_rows",
         "on_runs",
         "pending",
@@ -127,6 +137,7 @@ class RelayCore:
         "status",
         "terminated",
         "tracker",
+        "unsynced",
     )
 
     def __init__(self, max_message_bytes: int, hook: StatementHook | None = None) -> None:
@@ -167,6 +178,29 @@ class RelayCore:
         self._preview_limits = (0, 0)
         self.gate: Callable[[], Refusal | None] | None = None  # refuses everything when set
         self.on_runs: RunsCallback | None = None
+        # Extended-protocol messages sent since the last Sync: their replies may come (after
+        # a Flush) without a ReadyForQuery, so pgguard's own queries must wait for the Sync.
+        self.unsynced = False
+        self.masking: SessionMasking | None = None
+        self.masking_wanted: SessionMasking | None = None  # enabled at the next idle point
+        self._extra_server = b""  # server types intercepted for masking
+
+    def enable_masking(self, masking: SessionMasking) -> None:
+        """Mask result rows from now on (the identity has masks). Every DataRow and CopyData
+        is then cut out: whether a result needs masking is only known at its
+        RowDescription, too late for messages already scanned past."""
+        self.masking = masking
+        self.masking_wanted = None
+        self._verdicts.clear()  # refusals pending masking are stale now
+        self._client.set_intercept(
+            CLIENT_INTERCEPT
+            + (_TRACK_CLIENT if self.tracker is not None else b"")
+            + MASKING_CLIENT_TYPES
+        )
+        self._extra_server = MASKING_SERVER_TYPES + b"D"
+        self._server_table += self._extra_server
+        if self._internal_active is None:
+            self._server.set_intercept(self._server_table)
 
     def idle(self) -> bool:
         """No request outstanding and nothing half-received in either direction."""
@@ -196,6 +230,7 @@ class RelayCore:
 
     def from_client(self, data: bytes) -> bytes:
         """Client bytes → bytes for the server."""
+
         buf, hits, cut = self._client.scan(data)
         if hits:
             return self._client_messages(buf, hits, cut)
@@ -206,11 +241,25 @@ class RelayCore:
             self._track_client(buf, hits)
         out: list[bytes] | None = None  # built only when a message is replaced
         prev = 0
+        masking = self.masking
         for pos in hits:
             t = buf[pos]
+            if masking is not None:
+                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+                replacement = masking.client(t, buf[pos:end])
+                if replacement is not None:  # an Execute with a Describe slipped in
+                    if out is None:
+                        out = []
+                    out.append(buf[prev:pos])
+                    out.append(replacement)
+                    prev = end
             if t in (_S, _F):
                 self.pending += 1
+                if t == _S:
+                    self.unsynced = False
                 continue
+            if t != _Q and t != _X:
+                self.unsynced = True  # Parse, Bind, Describe, Execute, Close
             if t == _X:
                 self.terminated = True
                 self.closing = True
@@ -313,6 +362,7 @@ class RelayCore:
 
     def from_server(self, data: bytes) -> bytes:
         """Server bytes → bytes for the client."""
+
         buf, hits, cut = self._server.scan(data)
         if hits:
             return self._server_messages(buf, hits, cut)
@@ -321,10 +371,9 @@ class RelayCore:
     def _server_messages(self, buf: bytes, hits: list[int], cut: int) -> bytes:
         out: list[bytes] | None = None
         prev = 0
+        masking = self.masking
         for pos in hits:
             t = buf[pos]
-            if self.tracker is not None and self._internal_active is None:
-                self._track_server(t, buf, pos)
             if self._internal_active:
                 # A reply to pgguard's own query: read it, keep it from the client, except
                 # the asynchronous messages (notifications, notices, parameter changes).
@@ -337,23 +386,47 @@ class RelayCore:
                 out.append(buf[prev:pos])
                 prev = end
                 continue
-            if self.max_rows is not None and t in _ROW_LIMIT_TYPES:
-                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
-                replacement = self._limit_rows(t, buf[pos:end])
+            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            msg: bytes | None = None  # what replaces buf[pos:end]; None: unchanged
+            if t == _E and self._refusals:
+                raw = buf[pos:end]
+                rewritten = self._rewrite_error(raw)
+                if rewritten is not raw:
+                    msg = rewritten
+            if masking is not None:
+                replacement = masking.server(t, buf[pos:end] if msg is None else msg)
                 if replacement is not None:
-                    if out is None:
-                        out = []
-                    out.append(buf[prev:pos])
-                    out.append(replacement)
-                    prev = end
-                    continue
-                if t in (_D, _C):
+                    msg = replacement
+            if self.tracker is not None:
+                if msg is None or (not msg and t in _DESCRIPTIONS):
+                    self._track_server(t, buf, pos)
+                elif msg:
+                    self._track_server(t, msg, 0)
+            if msg is not None and not msg:  # dropped
+                if out is None:
+                    out = []
+                out.append(buf[prev:pos])
+                prev = end
+                continue
+            if self.max_rows is not None and t in _ROW_LIMIT_TYPES:
+                limited = self._limit_rows(t, buf[pos:end] if msg is None else msg)
+                if limited is not None:
+                    msg = limited
+                elif t in (_D, _C):
+                    if msg is not None:
+                        if out is None:
+                            out = []
+                        out.append(buf[prev:pos])
+                        out.append(msg)
+                        prev = end
                     continue
             if t == _Z:
                 self.status = _STATUS[buf[pos + 5]]
                 if self.pending:
                     self.pending -= 1
                 if self.pending == 0:
+                    if self.masking_wanted is not None:
+                        self.enable_masking(self.masking_wanted)
                     if self._refusals:
                         self._refusals.clear()  # refused requests skipped after an error
                     if self._internal_queue and self._internal_ready():
@@ -363,7 +436,6 @@ class RelayCore:
                     head = buf[prev : pos + 6]
                     return b"".join((*(out or ()), head, self.ending.encode()))
             elif t == _S:
-                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
                 status = ParameterStatus.decode_body(buf[pos + 5 : end])
                 reason = unsafe_setting(status.name, status.value)
                 if reason is not None:
@@ -372,16 +444,12 @@ class RelayCore:
                     self.closing = True
                     fatal = Fatal("0A000", f"pgguard: sql-safety: {reason}; session ended")
                     return b"".join((*(out or ()), buf[prev:pos], fatal.encode()))
-            elif t == _E and self._refusals:
-                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
-                raw = buf[pos:end]
-                rewritten = self._rewrite_error(raw)
-                if rewritten is not raw:
-                    if out is None:
-                        out = []
-                    out.append(buf[prev:pos])
-                    out.append(rewritten)
-                    prev = end
+            if msg is not None:
+                if out is None:
+                    out = []
+                out.append(buf[prev:pos])
+                out.append(msg)
+                prev = end
         if out is None:
             return buf if cut == len(buf) else buf[:cut]
         out.append(buf[prev:cut])
@@ -400,7 +468,11 @@ class RelayCore:
         self.tracker = tracker
         self.on_runs = on_runs
         self._preview_limits = (preview_rows, preview_bytes)
-        self._client.set_intercept(CLIENT_INTERCEPT + _TRACK_CLIENT)
+        self._client.set_intercept(
+            CLIENT_INTERCEPT
+            + _TRACK_CLIENT
+            + (MASKING_CLIENT_TYPES if self.masking is not None else b"")
+        )
         self._server_table = self._server_table + _TRACK_SERVER
         if preview_rows > 0:
             self._server_table += b"TD"
@@ -409,8 +481,8 @@ class RelayCore:
 
     def _previewing(self, on: bool) -> None:
         """Stop (or start again) cutting out DataRows once a preview is full."""
-        if self.max_rows is not None or self._internal_active is not None:
-            return  # row limits count every row anyway
+        if self.max_rows is not None or self._internal_active is not None or self.masking:
+            return  # row limits and masking see every row anyway
         table = self._server_table if on else self._server_table.replace(b"D", b"")
         self._server.set_intercept(table)
 
@@ -467,6 +539,8 @@ class RelayCore:
         if t == _C:
             tag = CommandComplete.decode_body(body).tag
             runs = tracker.complete(tag)
+            if runs and self.masking is not None and self.masking.last_masked:
+                runs[-1] = replace(runs[-1], masked_columns=self.masking.last_masked)
             if self._preview is not None and runs:
                 self._preview.finish(tag)
                 entry = self._preview.entries()[-1]
@@ -506,6 +580,8 @@ class RelayCore:
             SERVER_INTERCEPT
             + (b"DC" if max_rows is not None else b"")
             + (_TRACK_SERVER if self.tracker is not None else b"")
+            + (b"TD" if self.tracker is not None and self._preview_limits[0] > 0 else b"")
+            + self._extra_server
         )
         if self._internal_active is None:
             self._server.set_intercept(self._server_table)
@@ -559,7 +635,7 @@ class RelayCore:
         self._internal_queue.append((sql, on_result, outside_transaction))
 
     def _internal_ready(self) -> bool:
-        if not self._internal_queue or self.pending:
+        if not self._internal_queue or self.pending or self.unsynced:
             return False
         if self._internal_queue[0][2]:
             return self.status == b"I"

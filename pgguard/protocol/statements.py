@@ -36,6 +36,7 @@ class StatementRun:
     error: str | None = None
     executed: bool = True
     preview: RecordedStatement | None = None  # the rows the client got (session recording)
+    masked_columns: tuple[str, ...] = ()  # source columns masked in its result
 
     @property
     def duration_ms(self) -> float | None:

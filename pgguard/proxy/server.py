@@ -28,6 +28,9 @@ from pgguard.audit.store import open_stores
 from pgguard.audit.writer import AuditWriter
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
+from pgguard.masking.plan import MaskerCache, mask_type_problems
+from pgguard.masking.planner import LineageCache, SessionPlanner
+from pgguard.masking.session import SessionMasking
 from pgguard.metrics import Tally
 from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_from_rows
 from pgguard.policy.engine import limits_for
@@ -199,6 +202,18 @@ class SessionInfo:
     started: float = field(default_factory=time.time)
 
 
+STALE_REFRESH_INTERVAL = 5.0
+MASKS_CHANGED = Refusal(
+    "masking", "the masks for this session changed; run the statement again", "40001"
+)
+
+
+def _log_mask_fallback(function: object, type_oid: int, reason: str) -> None:
+    log.info(
+        "mask %s does not apply to type oid %s (%s): redacted instead", function, type_oid, reason
+    )
+
+
 class Session:
     """One client connection: handshake, upstream login, then the relay."""
 
@@ -213,6 +228,7 @@ class Session:
         self.info = SessionInfo(session_id=secrets.token_hex(8), client_addr=addr)
         self.identity: Identity | None = None
         self.guard: SessionGuard | None = None
+        self.guard_ready = False  # the catalog and search_path are known to the guard
         self.role_mapped = False
         self.key: tuple[int, int] | None = None
         self.tls = False
@@ -456,6 +472,7 @@ class Session:
         guard = SessionGuard(state, identity, database, role_mapped=self.role_mapped)
         if state.policy is not None:
             assert self.upstream is not None
+            self.guard_ready = True
             await self.gateway.ensure_catalog(database)
             try:
                 rows = await simple_query(
@@ -477,8 +494,49 @@ class Session:
         guard.on_search_path_change = self._sync_search_path
         guard.on_schema_change = self._schema_changed
         self.guard = guard
-        self.core.hook = guard
         self.core.epoch = state.epoch
+        planner = SessionPlanner(self.gateway.lineage, guard)
+        planner.on_stale = lambda: self.gateway.catalog_looks_stale(database)
+        core = self.core
+        if planner.masks:
+            core.enable_masking(self._new_masking(planner))
+
+        def judge(sql: str) -> Refusal | None:
+            refusal = guard(sql)
+            if refusal is not None or not planner.masks:
+                return refusal
+            if core.masking is None:
+                # The policy now masks columns for this identity: masking starts at the
+                # session's next idle point; until then nothing runs unmasked.
+                core.masking_wanted = self._new_masking(planner)
+                return MASKS_CHANGED
+            return planner.refusal(sql)
+
+        core.hook = judge
+
+    def prepare_guard(self) -> None:
+        """A policy came into force after this session started: load the catalog and learn
+        the session's search_path and user (statements are judged fail-closed meanwhile)."""
+        guard = self.guard
+        assert guard is not None
+        self.guard_ready = True
+        self.gateway.schedule_catalog_refresh(guard.database)
+
+        def learned(rows: list[tuple[str | None, ...]], error: str | None) -> None:
+            if error is None and rows:
+                guard.current_user = rows[0][1] or ""
+                guard.default_search_path = effective_search_path(
+                    rows[0][0] or "", guard.current_user
+                )
+                guard.search_path_confirmed(rows[0][0] or "", in_transaction=False)
+                self.core.forget_verdicts()
+
+        self.core.internal_query(
+            "select current_setting('search_path'), current_user", learned, outside_transaction=True
+        )
+
+    def _new_masking(self, planner: SessionPlanner) -> SessionMasking:
+        return SessionMasking(planner, self.gateway.maskers, planner.origin)
 
     def _apply_row_limit(self, guard: SessionGuard) -> None:
         limits = guard.limits
@@ -569,6 +627,9 @@ class Session:
                 client_transport.write(fatal_bytes("08P01", "pgguard: upstream protocol error"))
                 self.finish()
                 return
+            masking = core.masking
+            if masking is not None and masking.counts:
+                tally.masked_values(masking.take_counts())
             if to_client:
                 if self._awaiting or self._held is not None:
                     # Strict audit: results wait until their records are durable.
@@ -675,7 +736,13 @@ class Session:
             audit_only: tuple[str, ...] = ()
             if self.guard is not None:
                 facts, audit_only = self.guard.describe(run.statement)
-            record = statement_record(self.audit_ctx, run, facts, audit_only=audit_only)
+            record = statement_record(
+                self.audit_ctx,
+                run,
+                facts,
+                audit_only=audit_only,
+                masked_columns=run.masked_columns,
+            )
             self.gateway.tally.statement(record.class_, record.decision, record.duration_ms)
             if not strict:
                 self.audit.submit(record)
@@ -761,6 +828,7 @@ class Gateway:
         self.instance_id = ""
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._catalog_refresh: dict[str, asyncio.Task[None]] = {}
+        self._stale_refresh: dict[str, float] = {}
         self._policy_signature: tuple[tuple[str, float, int], ...] = ()
         self.validator = validator or TokenValidator(settings.identity)
         self.sessions: set[Session] = set()
@@ -776,6 +844,9 @@ class Gateway:
         self._cancel_server: asyncio.base_events.Server | None = None
         self.stats: dict[str, int] = {"connections": 0, "auth_failures": 0, "upstream_errors": 0}
         self.tally = Tally()  # plain counters, folded into the metrics (pgguard.metrics)
+        self.lineage = LineageCache(self.guard)
+        self.maskers = MaskerCache(settings.masking.secret())
+        self.maskers.on_fallback = _log_mask_fallback
         self.policy_error: str | None = None  # the last policy load's problems (/readyz)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -819,6 +890,8 @@ class Gateway:
         for session in list(self.sessions):
             if session.guard is not None:
                 session.guard.apply_limits()
+                if self.guard.policy is not None and not session.guard_ready:
+                    session.prepare_guard()  # it started without a policy in force
         log.info("policy loaded from %d file(s)", len(result.files))
         self._policy_signature = self._policy_files_signature()
         self._audit_reload(result.files, [])
@@ -887,10 +960,32 @@ class Gateway:
             finally:
                 conn.side.write(m.Terminate().encode())
                 conn.side.close()
-            self.guard.set_catalog(database, snapshot_from_rows(rows))
+            snapshot = snapshot_from_rows(rows)
+            self.guard.set_catalog(database, snapshot)
+            policy = self.guard.policy
+            if policy is not None and policy.masks:
+                for mask, column, reason, is_error in mask_type_problems(policy.masks, snapshot):
+                    level = logging.WARNING if is_error else logging.INFO
+                    log.log(
+                        level,
+                        "mask %s (%s) on %s: %s",
+                        mask.column,
+                        mask.function,
+                        column,
+                        reason,
+                        extra=extra,
+                    )
         except (SessionEnded, UpstreamRefused, QueryFailed, m.ProtocolError) as exc:
             # Unknown names are judged as the most dangerous thing they could be.
             log.error("could not load the catalog of %s: %s", database, exc, extra=extra)
+
+    def catalog_looks_stale(self, database: str) -> None:
+        """A result named a relation or column the catalog does not have: reload it, at
+        most every few seconds (temporary tables, which it never has, ask often)."""
+        now = time.monotonic()
+        if now - self._stale_refresh.get(database, 0.0) >= STALE_REFRESH_INTERVAL:
+            self._stale_refresh[database] = now
+            self.schedule_catalog_refresh(database)
 
     def schedule_catalog_refresh(self, database: str) -> None:
         task = self._catalog_refresh.get(database)

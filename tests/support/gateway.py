@@ -103,6 +103,7 @@ class Gateway:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGGUARD_")}
         env["PGGUARD_JWT_SECRET"] = self.secret
         env["PGGUARD_UPSTREAM_PASSWORD"] = self.pg.pgguard_password
+        env["PGGUARD_MASKING_SECRET"] = "test-masking-secret"
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.extra_env)
         return env

@@ -295,3 +295,35 @@ def test_statement_tracking_reports_each_statement_with_refusals() -> None:
     ]
     assert runs[2].error == "pgguard: no-deletes: nope"
     assert runs[3].params == (b"9",)
+
+
+def test_internal_query_waits_for_the_sync_of_flushed_extended_messages() -> None:
+    """asyncpg prepares with Parse/Describe/Flush: the replies come without a
+    ReadyForQuery, and must not be taken for the reply to pgguard's own query."""
+    from pgguard.protocol import messages as msgs
+
+    core = RelayCore(1 << 20)
+    got: list[object] = []
+    core.from_client(msgs.Query("set x = 1").encode())
+    core.internal_query("select 1", lambda rows, err: got.append(rows))
+    core.internal_query("select 2", lambda rows, err: got.append(rows))
+    ready = msgs.ReadyForQuery(b"I").encode()
+    core.from_server(msgs.CommandComplete("SET").encode() + ready)
+    assert core.server_out == [msgs.Query("select 1").encode()]
+    core.server_out.clear()
+    core.from_client(
+        msgs.Parse("s", "select 3", ()).encode()
+        + msgs.Describe(b"S", "s").encode()
+        + msgs.Flush().encode()
+    )
+    internal_reply = msgs.CommandComplete("SELECT 0").encode() + ready
+    client_reply = (
+        msgs.ParseComplete().encode()
+        + msgs.ParameterDescription(()).encode()
+        + msgs.NoData().encode()
+    )
+    assert core.from_server(internal_reply + client_reply) == client_reply
+    assert core.server_out == [] and got == [[]]
+    core.from_client(msgs.Sync().encode())
+    assert core.from_server(ready) == ready
+    assert core.server_out == [msgs.Query("select 2").encode()]

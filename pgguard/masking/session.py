@@ -1,0 +1,478 @@
+"""Masking on one relayed session: which result each server message belongs to. Sans-IO.
+
+The relay hands :class:`SessionMasking` the client messages that start or describe work
+(Query, Parse, Bind, Describe, Execute, Close, Sync, FunctionCall) and the server messages
+that answer them. From those it keeps a queue of expected replies, in the server's order, so
+that it knows at every RowDescription, DataRow and CopyData which statement (and so which
+:class:`~pgguard.masking.plan.ResultPlan`) the rows belong to.
+
+* Simple query: the RowDescription gives types and formats; rows are masked per statement.
+* Extended query: a statement's plan is kept per Parse, a portal's result formats per Bind.
+  Types come from the client's own Describe (statement or portal); when a client executes a
+  masked portal without any Describe, a Describe of the portal is slipped in before the
+  Execute and its reply is kept from the client.
+* SQL-level cursors and prepared statements (DECLARE/FETCH, PREPARE/EXECUTE) carry their
+  result plan to the FETCH/EXECUTE; an unknown one (e.g. a refcursor a function opened) is
+  fully masked.
+* COPY … TO STDOUT rows (text, csv, binary) are masked line by line.
+* RowDescription origins (table OID and attribute number) are checked too: a column the
+  server says comes straight from a masked column is masked even if the plan missed it.
+* Errors of a statement that reads masked columns lose quoted values and details.
+
+Rows without a masked column are never decoded (a DataRow outside a masked result costs
+one attribute check).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pgguard.masking.plan import (
+    NO_MASKS,
+    OPAQUE_RESULT,
+    ColumnMask,
+    MaskerCache,
+    ResultPlan,
+    StatementPlan,
+    copy_format,
+)
+from pgguard.masking.rows import CopyFormat, RowFormatError, RowMasker
+from pgguard.protocol.messages import (
+    Bind,
+    Close,
+    Describe,
+    ErrorResponse,
+    Parse,
+    ProtocolError,
+    Query,
+    RowDescription,
+    error_fields,
+)
+
+__all__ = ["Planner", "SessionMasking"]
+
+Planner = Callable[[str], tuple[StatementPlan, ...]]
+# (table oid, attribute number) → the mask of that column, or None.
+OriginMask = Callable[[int, int], ColumnMask | None]
+
+_LEN = struct.Struct("!I")
+_I16 = struct.Struct("!h")
+_T, _N, _D, _C, _I, _S, _E, _Z, _H, _CD = 84, 110, 68, 67, 73, 115, 69, 90, 72, 100
+_Q, _P, _B, _SYNC, _F, _CLOSE, _EXEC, _DESC = 81, 80, 66, 83, 70, 67, 69, 68
+_QUOTED = re.compile(r'"[^"]*"|\'[^\']*\'')
+
+
+@dataclass(slots=True)
+class _Statement:
+    sql: str
+    types: tuple[tuple[int, int], ...] | None = None  # from a Describe; None: unknown
+    described: bool = False  # a Describe answered (types None then means NoData)
+
+
+@dataclass(slots=True)
+class _Portal:
+    statement: _Statement
+    formats: tuple[int, ...]
+    types: tuple[tuple[int, int], ...] | None = None
+    described: bool = False
+
+
+@dataclass(slots=True)
+class _Slot:
+    kind: str  # query | describe_s | describe_p | execute | sync | function
+    sql: str = ""  # query: its text, planned when the first reply comes
+    plans: tuple[StatementPlan, ...] | None = None
+    index: int = 0
+    statement: _Statement | None = None
+    portal: _Portal | None = None
+    hidden: bool = False
+    ready: bool = False  # execute: its rows' masking was set up
+
+
+def _formats(codes: tuple[int, ...], width: int) -> tuple[int, ...]:
+    if not codes:
+        return (0,) * width
+    if len(codes) == 1:
+        return codes * width
+    return codes[:width] + (0,) * (width - len(codes))
+
+
+def _fail_row_error() -> bytes:
+    return ErrorResponse(
+        error_fields("ERROR", "XX000", "pgguard: masking: a result row could not be masked")
+    ).encode()
+
+
+class SessionMasking:
+    """The masking state of one session whose identity has masks."""
+
+    def __init__(self, planner: Planner, cache: MaskerCache, origin: OriginMask) -> None:
+        self.planner = planner
+        self.cache = cache
+        self.origin = origin
+        self._slots: deque[_Slot] = deque()
+        self._statements: dict[str, _Statement] = {}
+        self._portals: dict[str, _Portal] = {}
+        self._named: dict[tuple[str, str], ResultPlan | None] = {}
+        self._rows: RowMasker | None = None  # masks the DataRows of the current result
+        self._copy: tuple[RowMasker, CopyFormat | None, bool] | None = None
+        self._copy_header = False
+        self._row_failed = False
+        self._blind = False  # mask every column of the current rows (types unknown)
+        self._described: dict[bytes, tuple[tuple[tuple[int, int], ...], tuple[int, ...]]] = {}
+        self._origins: dict[bytes, ResultPlan | None] = {}
+        self.counts: dict[str, int] = {}
+        self.statement_masked: tuple[str, ...] = ()  # masked sources of the current result
+        self.last_masked: tuple[str, ...] = ()  # those of the result that just ended
+
+    # ------------------------------------------------------------------ client side
+    def client(self, t: int, msg: bytes) -> bytes | None:
+        """A client message (whole, type byte first). Returns bytes to send instead, or None."""
+        body = msg[5:]
+        if t == _Q:
+            self._slots.append(_Slot("query", sql=Query.decode_body(body).sql))
+        elif t == _P:
+            parse = Parse.decode_body(body)
+            self._statements[parse.name] = _Statement(parse.sql)
+        elif t == _B:
+            bind = Bind.decode_body(body)
+            statement = self._statements.get(bind.statement)
+            if statement is not None:
+                self._portals[bind.portal] = _Portal(statement, bind.result_formats)
+            else:
+                self._portals.pop(bind.portal, None)
+        elif t == _DESC:
+            describe = Describe.decode_body(body)
+            if describe.kind == b"S":
+                self._slots.append(
+                    _Slot("describe_s", statement=self._statements.get(describe.name))
+                )
+            else:
+                self._slots.append(_Slot("describe_p", portal=self._portals.get(describe.name)))
+        elif t == _EXEC:
+            name = msg[5 : msg.index(0, 5)].decode("utf-8", "surrogateescape")
+            portal = self._portals.get(name)
+            injected = b""
+            if portal is not None and self._needs_description(portal):
+                injected = Describe(b"P", name).encode()
+                self._slots.append(_Slot("describe_p", portal=portal, hidden=True))
+            self._slots.append(_Slot("execute", portal=portal))
+            return injected + msg if injected else None
+        elif t == _CLOSE:
+            close = Close.decode_body(body)
+            (self._statements if close.kind == b"S" else self._portals).pop(close.name, None)
+        elif t == _SYNC:
+            self._slots.append(_Slot("sync"))
+        elif t == _F:
+            self._slots.append(_Slot("function"))
+        return None
+
+    def _plan_of(self, statement: _Statement) -> StatementPlan:
+        # Planned when needed, so that a search_path change confirmed in between (pgguard
+        # asks the server after a SET) is taken into account.
+        plans = self.planner(statement.sql)
+        return plans[0] if len(plans) == 1 else NO_MASKS
+
+    def _needs_description(self, portal: _Portal) -> bool:
+        if self._result(self._plan_of(portal.statement)) is None:
+            return False
+        if portal.described or portal.statement.described:
+            return False
+        for slot in self._slots:  # a Describe already on its way
+            if slot.portal is portal or (
+                slot.kind == "describe_s" and slot.statement is portal.statement
+            ):
+                return False
+        return True
+
+    def _result(self, plan: StatementPlan) -> ResultPlan | None:
+        if plan.reference is not None:
+            # FETCH / EXECUTE: the named object's plan (an unknown one is fully masked), with
+            # the masks of what the statement adds (EXECUTE parameters).
+            named = self._named.get(plan.reference, OPAQUE_RESULT)
+            if named is None:
+                return plan.result
+            return named.merged(plan.result)
+        return plan.result
+
+    # ------------------------------------------------------------------ server side
+    def server(self, t: int, msg: bytes) -> bytes | None:
+        """A server message (whole). Returns its replacement (b"" drops it), or None."""
+        if t == _D:
+            rows = self._rows
+            if rows is None:
+                slot = self._slots[0] if self._slots else None
+                if slot is None or slot.kind != "execute" or slot.ready:
+                    return None
+                slot.ready = True  # the first row of an Execute: set up its masking
+                self._execute_rows(slot)
+                rows = self._rows
+                if rows is None:
+                    if not self._blind:
+                        return None
+                    rows = self._rows = self.cache.blind(_I16.unpack_from(msg, 5)[0])
+            return self._mask_row(rows, msg)
+        if t == _CD:
+            return self._mask_copy(msg) if self._copy is not None else None
+        slot = self._slots[0] if self._slots else None
+        if t == _T:
+            return self._row_description(slot, msg)
+        if t == _N:
+            if slot is not None and slot.kind in ("describe_s", "describe_p"):
+                self._slots.popleft()
+                self._describe_answer(slot, None, ())
+                return b"" if slot.hidden else None
+            return None
+        if t in (_C, _I, _S):
+            return self._end_result(slot, msg, t)
+        if t == _E:
+            return self._error(slot, msg)
+        if t == _Z:
+            self._end_rows()
+            while self._slots:
+                done = self._slots.popleft()
+                if done.kind in ("query", "sync", "function"):
+                    break
+            if msg[5:6] == b"I":
+                for key in [k for k in self._named if k[0] == "cursor"]:
+                    del self._named[key]  # cursors end with their transaction
+            return None
+        if t == _H:
+            return self._copy_out(slot, msg)
+        return None  # t, c, G: nothing to do
+
+    def _current_plan(self, slot: _Slot | None) -> StatementPlan:
+        if slot is None:
+            return NO_MASKS
+        if slot.kind == "query":
+            if slot.plans is None:
+                slot.plans = self.planner(slot.sql)
+            return slot.plans[slot.index] if slot.index < len(slot.plans) else NO_MASKS
+        if slot.kind == "execute" and slot.portal is not None:
+            return self._plan_of(slot.portal.statement)
+        return NO_MASKS
+
+    def _row_description(self, slot: _Slot | None, msg: bytes) -> bytes | None:
+        body = msg[5:]
+        known = self._described.get(body)
+        if known is None:
+            fields = RowDescription.decode_body(body).fields
+            known = (
+                tuple((f.type_oid, f.type_modifier) for f in fields),
+                tuple(f.format for f in fields),
+            )
+            if len(self._described) > 512:
+                self._described.clear()
+            self._described[body] = known
+        types, formats = known
+        if slot is not None and slot.kind in ("describe_s", "describe_p"):
+            self._slots.popleft()
+            self._describe_answer(slot, types, formats)
+            return b"" if slot.hidden else None
+        if slot is not None and slot.kind == "query":
+            self._start_rows(self._current_plan(slot), body, types, formats)
+        return None
+
+    def _describe_answer(
+        self, slot: _Slot, types: tuple[tuple[int, int], ...] | None, formats: tuple[int, ...]
+    ) -> None:
+        if slot.kind == "describe_s" and slot.statement is not None:
+            slot.statement.types = types
+            slot.statement.described = True
+        elif slot.portal is not None:
+            slot.portal.types = types
+            slot.portal.described = True
+
+    def _with_origins(self, plan: ResultPlan | None, body: bytes) -> ResultPlan | None:
+        """``plan`` with the masks of columns the RowDescription says come from masked
+        columns (a safety net under the lineage analysis)."""
+        key = body
+        cached = self._origins.get(key, _MISSING)
+        if cached is _MISSING:
+            fields = RowDescription.decode_body(body).fields
+            found = [
+                self.origin(f.table_oid, f.column_attr) if f.table_oid else None for f in fields
+            ]
+            extra: ResultPlan | None = None
+            if any(found):
+                extra = ResultPlan(tuple(found), None)
+            if len(self._origins) > 512:
+                self._origins.clear()
+            self._origins[key] = extra
+            cached = extra
+        extra = cached  # type: ignore[assignment]
+        if extra is None:
+            return plan
+        if plan is None:
+            return extra
+        assert extra.columns is not None
+        merged = tuple(plan.mask_at(i) or extra.columns[i] for i in range(len(extra.columns)))
+        return ResultPlan(merged, plan.rest)
+
+    def _start_rows(
+        self,
+        plan: StatementPlan,
+        body: bytes | None,
+        types: tuple[tuple[int, int], ...],
+        formats: tuple[int, ...],
+    ) -> None:
+        result = self._result(plan)
+        if plan.width is not None and plan.width != len(types):
+            result = OPAQUE_RESULT  # not the shape the analysis expected: a stale catalog
+        if body is not None:
+            result = self._with_origins(result, body)
+        if result is None:
+            self._end_rows()
+            return
+        rows = self.cache.rows(result, types, formats)
+        self.statement_masked = result.masked
+        if rows.active:
+            self._rows = rows
+        else:
+            self._end_rows()
+
+    def _end_rows(self) -> None:
+        rows = self._rows
+        if rows is not None:
+            for label, n in rows.take_counts().items():
+                self.counts[label] = self.counts.get(label, 0) + n
+        if self._copy is not None:
+            for label, n in self._copy[0].take_counts().items():
+                self.counts[label] = self.counts.get(label, 0) + n
+        self._rows = None
+        self._copy = None
+        self._blind = False
+
+    def _execute_rows(self, slot: _Slot) -> None:
+        """Set up masking for the rows of an Execute (they come without a RowDescription)."""
+        portal = slot.portal
+        if portal is None:
+            return
+        plan = self._plan_of(portal.statement)
+        result = self._result(plan)
+        if result is None:
+            return
+        types = portal.types if portal.described else portal.statement.types
+        if types is None:
+            # Never described (should not happen: a Describe was slipped in): every
+            # column is sent as NULL.
+            self._blind = True
+            return
+        self._start_rows(plan, None, types, _formats(portal.formats, len(types)))
+
+    def _mask_row(self, rows: RowMasker, msg: bytes) -> bytes:
+        try:
+            body = rows.mask_datarow(msg[5:])
+        except RowFormatError:
+            self._row_failed = True
+            return b""
+        if body is msg[5:]:
+            return msg
+        return b"D" + _LEN.pack(len(body) + 4) + body
+
+    def _end_result(self, slot: _Slot | None, msg: bytes, t: int) -> bytes | None:
+        failed = self._row_failed
+        self._row_failed = False
+        self.last_masked = self.statement_masked
+        self.statement_masked = ()
+        self._end_rows()
+        if slot is not None and slot.kind in ("query", "execute"):
+            if t == _C:
+                plan = self._current_plan(slot)
+                if plan.declares is not None:  # DECLARE / PREPARE ran: FETCH / EXECUTE use it
+                    self._named[plan.declares] = plan.result
+            if slot.kind == "query":
+                if t == _C:
+                    slot.index += 1
+            else:
+                self._slots.popleft()
+        if failed and t == _C:
+            return _fail_row_error()
+        return None
+
+    def _error(self, slot: _Slot | None, msg: bytes) -> bytes | None:
+        plan = self._current_plan(slot)
+        self._end_rows()
+        self._row_failed = False
+        if slot is not None and slot.kind in ("describe_s", "describe_p", "execute"):
+            # The server skips the rest of the batch until Sync.
+            while self._slots and self._slots[0].kind not in ("sync", "query", "function"):
+                self._slots.popleft()
+        elif slot is not None and slot.kind == "query":
+            slot.index = 1 << 30  # the rest of the query string is skipped
+        if not plan.scrub_errors:
+            return None
+        return _scrub(msg)
+
+    def _copy_out(self, slot: _Slot | None, msg: bytes) -> bytes | None:
+        plan = self._current_plan(slot)
+        result = self._result(plan)
+        if result is None:
+            return None
+        body = msg[5:]
+        overall = body[0]
+        width = _I16.unpack_from(body, 1)[0]
+        rows = self.cache.copy_rows(result, width, overall)
+        if not rows.active:
+            return None
+        options = copy_format(plan.copy)
+        self._copy = (rows, options, overall == 1)
+        self._copy_header = bool(plan.copy is not None and plan.copy.header and overall == 0)
+        return None
+
+    def _mask_copy(self, msg: bytes) -> bytes:
+        assert self._copy is not None
+        rows, options, binary = self._copy
+        data = msg[5:]
+        try:
+            if binary:
+                out = rows.mask_copy_binary(data)
+            elif self._copy_header:
+                self._copy_header = False
+                return msg
+            else:
+                assert options is not None
+                out = rows.mask_copy_line(data, options)
+        except RowFormatError:
+            self._row_failed = True
+            return b""
+        if out is data:
+            return msg
+        return b"d" + _LEN.pack(len(out) + 4) + out
+
+    def take_counts(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+_MISSING: object = object()
+
+
+def _scrub(msg: bytes) -> bytes | None:
+    """An ErrorResponse without the values it may quote: quoted parts of the message become
+    ``"…"``; detail, hint, where and internal query are dropped."""
+    try:
+        err = ErrorResponse.decode_body(msg[5:])
+    except ProtocolError:
+        return None
+    if err.message.startswith("pgguard:"):
+        return None
+    fields: list[tuple[str, str]] = []
+    changed = False
+    for code, value in err.fields:
+        if code in ("D", "W", "q", "H", "p", "P"):
+            changed = True
+            continue
+        if code == "M":
+            scrubbed = _QUOTED.sub('"…"', value)
+            if scrubbed != value:
+                changed = True
+                value = scrubbed + " (value hidden: the statement reads masked columns)"
+        fields.append((code, value))
+    if not changed:
+        return None
+    return ErrorResponse(tuple(fields)).encode()
