@@ -203,3 +203,20 @@ def test_keyed_masks_without_a_secret_are_redacted() -> None:
 def test_type_problems_reported_for_policy_check() -> None:
     problems = mask_type_problems(MASKS, CATALOG)
     assert [(p[1], p[3]) for p in problems] == [("public.customers.age", True)]
+
+
+def test_raw_transforms_are_shared_and_remember_results() -> None:
+    from pgguard.masking.functions import build_masker
+    from pgguard.policy.model import MaskFunction
+
+    masker = build_masker(MaskFunction(name="keep_last", args=(4,), text="keep_last(4)"), 25, b"")
+    transform = masker.raw(0)
+    assert masker.raw(0) is transform
+    assert transform(b"123-45-6789") == b"***-**-6789"
+    assert transform(b"123-45-6789") == b"***-**-6789"
+    numeric = build_masker(MaskFunction(name="generalize", args=(1000,), text="g"), 1700, b"")
+    bad = numeric.raw(0)
+    for _ in range(2):  # a value that fails to decode fails every time (never remembered)
+        with pytest.raises(ValueError):
+            bad(b"not a number")
+    assert bad(b"-1.5") == b"-1000.0"
