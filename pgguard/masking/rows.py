@@ -163,15 +163,38 @@ class RowMasker:
         parts.append(body[copied:])
         return b"".join(parts)
 
+    def mask_message(self, buf: bytes, pos: int, end: int) -> bytes | None:
+        """The DataRow message ``buf[pos:end]`` (type byte and length included) with the
+        masked columns rewritten, or None when no value needed it (all NULL). Raises
+        RowFormatError. Avoids copying the row before and after, as ``mask_datarow`` would."""
+        if buf[pos + 5 : pos + 7] != self._count:
+            raise RowFormatError("DataRow does not have the description's column count")
+        parts, copied = self._rewrite(buf, pos + 5, pos + 7, self._walk, end)
+        if not parts:
+            return None
+        parts.append(buf[copied:end])
+        length = 4
+        for part in parts:
+            length += len(part)
+        parts[0:0] = (b"D", _I32.pack(length))
+        return b"".join(parts)
+
     def _rewrite(
-        self, buf: bytes, base: int, pos: int, walk: tuple[tuple[int, RawTransform | None], ...]
+        self,
+        buf: bytes,
+        base: int,
+        pos: int,
+        walk: tuple[tuple[int, RawTransform | None], ...],
+        size: int = -1,
     ) -> tuple[list[bytes], int]:
-        """Rewrite the fields of the row at ``base`` (its first field at ``pos``) for the
-        columns in ``walk``. Returns the pieces from ``base`` to the end of the last rewritten
-        field, and where that is (``base`` when nothing was rewritten)."""
+        """Rewrite the fields of the row at ``base`` (its first field at ``pos``, the row
+        ending at ``size``, default the end of ``buf``) for the columns in ``walk``. Returns
+        the pieces from ``base`` to the end of the last rewritten field, and where that is
+        (``base`` when nothing was rewritten)."""
         parts: list[bytes] = []
         copied = base  # buf[copied:pos] is not in parts yet
-        size = len(buf)
+        if size < 0:
+            size = len(buf)
         unpack = _I32.unpack_from
         pack = _I32.pack
         counts = self.counts

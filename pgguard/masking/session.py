@@ -200,8 +200,9 @@ class SessionMasking:
         return plan.result
 
     # ------------------------------------------------------------------ server side
-    def server(self, t: int, msg: bytes) -> bytes | None:
-        """A server message (whole). Returns its replacement (b"" drops it), or None."""
+    def server(self, t: int, buf: bytes, pos: int, end: int) -> bytes | None:
+        """The server message ``buf[pos:end]``. Returns its replacement (b"" drops it), or
+        None to keep it."""
         if t == _D:
             rows = self._rows
             if rows is None:
@@ -214,8 +215,13 @@ class SessionMasking:
                 if rows is None:
                     if not self._blind:
                         return None
-                    rows = self._rows = self.cache.blind(_I16.unpack_from(msg, 5)[0])
-            return self._mask_row(rows, msg)
+                    rows = self._rows = self.cache.blind(_I16.unpack_from(buf, pos + 5)[0])
+            try:
+                return rows.mask_message(buf, pos, end)
+            except RowFormatError:
+                self._row_failed = True  # never forward a row that could not be masked
+                return b""
+        msg = buf[pos:end]
         if t == _CD:
             return self._mask_copy(msg) if self._copy is not None else None
         slot = self._slots[0] if self._slots else None
@@ -363,16 +369,6 @@ class SessionMasking:
             self._blind = True
             return
         self._start_rows(plan, None, types, _formats(portal.formats, len(types)))
-
-    def _mask_row(self, rows: RowMasker, msg: bytes) -> bytes:
-        try:
-            body = rows.mask_datarow(msg[5:])
-        except RowFormatError:
-            self._row_failed = True
-            return b""
-        if body is msg[5:]:
-            return msg
-        return b"D" + _LEN.pack(len(body) + 4) + body
 
     def _end_result(self, slot: _Slot | None, msg: bytes, t: int) -> bytes | None:
         failed = self._row_failed

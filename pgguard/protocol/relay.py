@@ -394,7 +394,11 @@ class RelayCore:
                 if rewritten is not raw:
                     msg = rewritten
             if masking is not None:
-                replacement = masking.server(t, buf[pos:end] if msg is None else msg)
+                replacement = (
+                    masking.server(t, buf, pos, end)
+                    if msg is None
+                    else masking.server(t, msg, 0, len(msg))
+                )
                 if replacement is not None:
                     msg = replacement
             if self.tracker is not None:
