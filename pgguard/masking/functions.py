@@ -81,7 +81,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import MAX_EMAX, MIN_EMIN, ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal
 from hashlib import sha256
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from pgguard.masking.codecs import (
     BOOL_OID,
@@ -209,15 +209,18 @@ class Masker:
             return transform
         memo: dict[bytes, bytes | None] = {}
 
+        get = memo.get
+
         def memoized(raw: bytes) -> bytes | None:
-            out = memo.get(raw, _MISS)
-            if out is _MISS:
-                out = transform(raw)  # a failure raises and is not remembered
-                if len(raw) <= _MEMO_VALUE_BYTES:
-                    if len(memo) >= _MEMO_ENTRIES:
-                        memo.clear()
-                    memo[raw] = out
-            return cast(bytes | None, out)
+            out = get(raw, _MISS)
+            if out is not _MISS:
+                return out  # type: ignore[no-any-return]
+            out = transform(raw)  # a failure raises and is not remembered
+            if len(raw) <= _MEMO_VALUE_BYTES:
+                if len(memo) >= _MEMO_ENTRIES:
+                    memo.clear()
+                memo[raw] = out
+            return out
 
         return memoized
 
