@@ -29,6 +29,14 @@ through ``pgguard`` (audit off, the baseline) and each of them, alternating; aft
 audited run the script counts the statement records the run added to the store and checks
 that there are at least as many as the transactions pgbench reported.
 
+Masking: one more ``pgguard serve`` (target ``masking``) runs with a policy this script writes
+(``MASK_POLICY``) masking three columns of a 10,000-row table (``MASK_TABLE``, created as the
+superuser before it starts) and is logged into as a member of ``developers``, who is not
+exempt. psycopg 3, in this process, fetches the whole table's three masked columns and three
+clean ones, in text and binary formats, through ``masking`` and directly, alternating: rows
+per second, masked/clean through ``masking``. A pgbench script selecting only the clean
+columns by id runs through ``pgguard`` and ``masking`` in every mode: TPS, masking/pgguard.
+
 Usage::
 
     make bench                                # = scripts/bench.py --output docs/benchmarks.md
@@ -38,8 +46,8 @@ Usage::
 
 Flags: --duration S (10), --rounds N (2), --workers N (1), --output FILE, --clients "1,8",
 --modes "simple,extended,prepared", --skip-pgbouncer, --skip-pgguard, --skip-floor, --skip-guard
-(no guard-rules measurements), --skip-audit (no audit-trail measurements), --idle-connections N
-(1000; 0 skips the memory test), --quick.
+(no guard-rules measurements), --skip-audit (no audit-trail measurements), --skip-masking (no
+masking measurements), --idle-connections N (1000; 0 skips the memory test), --quick.
 
 Everything started here is stopped on exit, error or Ctrl-C.
 """
@@ -49,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import os
 import platform
 import pwd
@@ -149,6 +158,92 @@ AUDIT_DB = "pgguard_audit"
 AUDIT_GOALS = {"buffered": (0.9, None), "strict": (0.6, 8)}
 AUDIT_QUIET_S = 1.0  # the store has caught up once its count has not moved for this long
 AUDIT_CATCH_UP_TIMEOUT_S = 120.0
+# Masking (issue 4): a table with three masked columns (MASK_TABLE_SQL), a policy that masks
+# them for everyone outside dba (MASK_POLICY), and the identity of the ``masking`` target, in
+# developers, so the masks apply to it.
+MASK_SUB = "bench-developer"
+MASK_GROUPS = ("developers",)
+MASK_TABLE = "bench_masked"
+MASK_ROWS = 10_000  # rows per fetch: one window of ids
+# pgguard remembers the masked results of short values, per mask and format (65,536 of them
+# when this was written): a fetch repeating one window measures that memo's hits. The table
+# holds MASK_WINDOWS windows so the "new values" fetches can move to a window the memo has
+# not seen (or has forgotten) every time.
+MASK_WINDOWS = 20
+MASK_TABLE_ROWS = MASK_ROWS * MASK_WINDOWS
+MASK_SECRET_ENV = "PGGUARD_MASKING_SECRET"
+# Realistic-looking values; ``quota`` is the clean twin of ``salary`` (same type and range),
+# and ``name`` and ``city`` are clean texts of about the widths of ``email`` and ``ssn``.
+MASK_TABLE_SQL = f"""\
+CREATE TABLE {MASK_TABLE} (
+    id int PRIMARY KEY,
+    name text NOT NULL,
+    city text NOT NULL,
+    note text NOT NULL,
+    email text NOT NULL,
+    ssn text NOT NULL,
+    salary numeric(10,2) NOT NULL,
+    quota numeric(10,2) NOT NULL
+);
+INSERT INTO {MASK_TABLE}
+SELECT i,
+       (ARRAY['Alice','Bruno','Chiara','Dmitri','Elena','Farid','Grace','Hiroshi','Ines',
+              'Jamal','Kofi'])[1 + i % 11]
+         || ' ' || chr(65 + (i * 7) % 26) || '. '
+         || (ARRAY['Anderson','Bianchi','Chen','Dubois','Evans','Fischer','Garcia','Haddad',
+                   'Ivanova','Jensen','Kowalski','Lindqvist','Moreau'])[1 + i % 13],
+       (ARRAY['Springfield, US','Lyon, France','Osaka, Japan','Porto Alegre, Brazil',
+              'Gdansk, Poland','Nairobi, Kenya','Vancouver, Canada','Leeds, UK',
+              'Tucson, US'])[1 + i % 9],
+       'customer since ' || (2000 + i % 24) || ', tier ' || (1 + i % 4),
+       'user' || i || '@example.com',
+       lpad(((i::bigint * 7919) % 899 + 100)::text, 3, '0') || '-'
+         || lpad(((i::bigint * 104729) % 90 + 10)::text, 2, '0') || '-'
+         || lpad(((i::bigint * 15485863) % 10000)::text, 4, '0'),
+       round(30000 + (i::bigint * 7907) % 170000 + (i % 100) / 100.0, 2),
+       round(30000 + (i::bigint * 4799) % 170000 + (i % 97) / 100.0, 2)
+FROM generate_series(1, {MASK_TABLE_ROWS}) AS i;
+ALTER TABLE {MASK_TABLE} OWNER TO {UPSTREAM_ROLE};
+VACUUM ANALYZE {MASK_TABLE};
+"""
+MASK_POLICY = f"""\
+version: 1
+masks:
+  - column: public.{MASK_TABLE}.email
+    function: partial_email
+    exempt: {{groups: [dba]}}
+  - column: public.{MASK_TABLE}.ssn
+    function: keep_last(4)
+    exempt: {{groups: [dba]}}
+  - column: public.{MASK_TABLE}.salary
+    function: generalize(1000)
+    exempt: {{groups: [dba]}}
+defaults: {{action: allow}}
+"""
+# The fetch comparison: the queries (one window of MASK_ROWS ids, bound as parameters), and
+# the runs of each format, alternating: (values, query, target). "repeated" fetches window 1
+# every time; "new" moves to the next of windows 2 to MASK_WINDOWS every time.
+MASK_QUERIES = {
+    "masked": f"SELECT email, ssn, salary FROM {MASK_TABLE} WHERE id BETWEEN %s AND %s",
+    "clean": f"SELECT name, city, quota FROM {MASK_TABLE} WHERE id BETWEEN %s AND %s",
+}
+MASK_FETCH_RUNS = (
+    ("repeated", "masked", "masking"),
+    ("repeated", "masked", "direct"),
+    ("repeated", "clean", "masking"),
+    ("repeated", "clean", "direct"),
+    ("new", "masked", "masking"),
+    ("new", "clean", "masking"),
+)
+MASK_FORMATS = ("text", "binary")
+MASK_FETCH_GOAL = 0.5  # masked/clean rows per second through the masking target
+# The select-only comparison: the masked table, its clean columns only, by primary key.
+MASK_SELECT_LABEL = "clean columns by id"
+MASK_SELECT_SCRIPT = (
+    f"\\set id random(1, {MASK_TABLE_ROWS})\nSELECT name, city FROM {MASK_TABLE} WHERE id = :id;\n"
+)
+MASK_SELECT_MODES = ("simple", "extended", "prepared")
+MASK_SELECT_GOAL = 0.95  # masking/pgguard TPS
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
@@ -423,9 +518,11 @@ def start_pgguard(
     sub: str = BENCH_SUB,
     groups: Sequence[str] = ("bench",),
     audit: dict[str, Any] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Target:
     """``pgguard serve`` as target ``name``: no policy, or the policy file ``policy``; the
-    audit off, or configured by ``audit`` (the config file's ``audit`` section)."""
+    audit off, or configured by ``audit`` (the config file's ``audit`` section); ``extra_env``
+    added to its environment (such as PGGUARD_MASKING_SECRET)."""
     from pgguard.identity import mint_token
 
     jwt_secret = secrets.token_urlsafe(32)
@@ -450,6 +547,7 @@ def start_pgguard(
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGGUARD_")}
     env.update(PGGUARD_JWT_SECRET=jwt_secret, PGGUARD_UPSTREAM_PASSWORD=upstream_password)
+    env.update(extra_env or {})
     argv = [pgguard_executable(), "serve", "--config", str(config_path), "--workers", str(workers)]
     log(f"starting {shlex.join(argv)}")
     log_file = workdir / f"{name}.log"
@@ -899,6 +997,339 @@ def run_guard(
         run_cell(pgbench, targets, cell, duration, rounds)
         note_failures(cell, targets, result.problems)
         result.distinct.append(cell)
+
+
+# --------------------------------------------------------------------------- masking
+
+
+@dataclass
+class FetchRun:
+    """One timed loop of ``execute`` + ``fetchall`` of a 10,000-row query."""
+
+    rows_per_s: float | None
+    queries: int = 0
+    ms_per_query: float | None = None
+    gateway_cpu_ms: float | None = None  # pgguard's CPU per query (None: not through pgguard)
+    client_cpu_ms: float | None = None  # this process's CPU per query (psycopg decoding rows)
+    error: str | None = None
+
+
+@dataclass
+class MaskingResult:
+    policy: str  # the policy file's text
+    warnings: list[str] = field(default_factory=list)  # from pgguard policy check
+    checks: list[str] = field(default_factory=list)  # what was verified before measuring
+    widths: list[str] = field(default_factory=list)  # average value widths of the columns
+    # (format, values, query, target name) → runs, in run order
+    fetch: dict[tuple[str, str, str, str], list[FetchRun]] = field(default_factory=dict)
+    cells: list[Cell] = field(default_factory=list)  # select-only, pgguard vs masking
+    problems: list[str] = field(default_factory=list)
+    load: list[str] = field(default_factory=list)  # load averages around the measurements
+
+    def median(self, key: tuple[str, str, str, str], attr: str = "rows_per_s") -> float | None:
+        values = [getattr(r, attr) for r in self.fetch.get(key, [])]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+
+def start_masking(
+    stack: ExitStack, workdir: Path, pg: EmbeddedPostgres, upstream_password: str, workers: int
+) -> tuple[Target, MaskingResult]:
+    """The ``masking`` target: pgguard with MASK_POLICY, logged into as a developers member,
+    started once MASK_TABLE exists (created here as the superuser)."""
+    log(f"creating {MASK_TABLE} ({MASK_TABLE_ROWS:,} rows)")
+    pg.psql(MASK_TABLE_SQL, dbname=DBNAME)
+    policy_path = workdir / "masking-policy.yaml"
+    policy_path.write_text(MASK_POLICY)
+    result = MaskingResult(MASK_POLICY, warnings=check_guard_policy(policy_path))
+    for warning in result.warnings:
+        log(f"masking policy warning: {warning}")
+    widths = pg.psql(
+        "SELECT concat_ws(' ', avg(octet_length(email))::numeric(5,1), "
+        "avg(octet_length(ssn))::numeric(5,1), avg(octet_length(salary::text))::numeric(5,1), "
+        "avg(octet_length(name))::numeric(5,1), avg(octet_length(city))::numeric(5,1), "
+        f"avg(octet_length(quota::text))::numeric(5,1)) FROM {MASK_TABLE}",
+        dbname=DBNAME,
+    ).split()
+    if len(widths) == 6:
+        names = ("email", "ssn", "salary", "name", "city", "quota")
+        result.widths = [f"{n} {w} B" for n, w in zip(names, widths, strict=True)]
+    target = start_pgguard(
+        stack,
+        workdir,
+        pg,
+        upstream_password,
+        workers,
+        name="masking",
+        policy=policy_path,
+        sub=MASK_SUB,
+        groups=MASK_GROUPS,
+        extra_env={MASK_SECRET_ENV: secrets.token_urlsafe(32)},
+    )
+    return target, result
+
+
+def verify_masking(psql: str, masking: Target, direct: Target, result: MaskingResult) -> None:
+    """Check with psql that the masks are in force for the bench identity, and that clean
+    columns pass unchanged, before measuring (a failed check is a problem in the report)."""
+    problem = check_connects(psql, masking)
+    if problem is not None:
+        raise BenchError(
+            f"cannot run select 1 through masking (policy, {MASK_SUB} in "
+            f"{', '.join(MASK_GROUPS)}): {problem}\n" + guard_log_tail(masking)
+        )
+
+    def query(target: Target, sql: str) -> tuple[int, str]:
+        proc = psql_command(psql, target, sql)
+        out = proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip()
+        return proc.returncode, out.replace("\n", " ")[:200]
+
+    def expect(what: str, sql: str, ok: Callable[[str, str], bool]) -> None:
+        rc_m, masked = query(masking, sql)
+        rc_d, clear = query(direct, sql)
+        shown = f"`{sql}` → masking: {masked!r}, direct: {clear!r}"
+        if rc_m == 0 and rc_d == 0 and ok(masked, clear):
+            result.checks.append(f"{what}: {shown}")
+        else:
+            result.problems.append(f"check failed, {what}: {shown}")
+
+    table_ = MASK_TABLE
+    expect(
+        "email is masked (partial_email) through masking, clear directly",
+        f"SELECT email FROM {table_} WHERE id = 1",
+        lambda m, d: "****" in m and d == "user1@example.com",
+    )
+    expect(
+        "ssn keeps its last 4 characters only (keep_last(4))",
+        f"SELECT ssn FROM {table_} WHERE id = 1",
+        lambda m, d: m != d and m[-4:] == d[-4:] and "*" in m,
+    )
+    expect(
+        "salary is generalized to a multiple of 1000",
+        f"SELECT salary FROM {table_} WHERE id = 1",
+        lambda m, d: m != d and _decimal_or_none(m) is not None and _decimal_or_none(m) % 1000 == 0,
+    )
+    expect(
+        "clean columns are the same through masking and directly",
+        f"SELECT name, city, quota FROM {table_} WHERE id = 1",
+        lambda m, d: m == d and m != "",
+    )
+    if result.problems:
+        for p in result.problems:
+            log(p)
+        result.problems.append("masking log tail:\n" + guard_log_tail(masking))
+
+
+def _decimal_or_none(text: str) -> Any:
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return None
+
+
+def _connect(target: Target) -> Any:
+    import psycopg
+
+    # prepare_threshold None: never prepared, so every execute is Parse/Bind/Execute of the
+    # unnamed statement, the same for every run.
+    return psycopg.connect(
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        dbname=DBNAME,
+        sslmode="disable",
+        gssencmode="disable",
+        autocommit=True,
+        prepare_threshold=None,
+        connect_timeout=30,
+    )
+
+
+def check_full_results(conns: dict[str, Any], result: MaskingResult) -> None:
+    """Every row of both queries, in both formats, through masking against directly: the
+    masked columns are masked in every row, the clean ones identical (a failed check is a
+    problem in the report)."""
+    where = f"WHERE id BETWEEN 1 AND {MASK_ROWS} ORDER BY id"
+    masked_sql = f"SELECT id, email, ssn, salary FROM {MASK_TABLE} {where}"
+    clean_sql = f"SELECT id, name, city, quota FROM {MASK_TABLE} {where}"
+    for fmt in MASK_FORMATS:
+        binary = fmt == "binary"
+        try:
+            got = {}
+            for name in ("masking", "direct"):
+                for label, sql in (("masked", masked_sql), ("clean", clean_sql)):
+                    with conns[name].cursor(binary=binary) as cur:
+                        cur.execute(sql)
+                        got[name, label] = cur.fetchall()
+        except Exception as exc:
+            result.problems.append(f"check failed, every row in {fmt} format: {exc!r}")
+            continue
+        masked, clear = got["masking", "masked"], got["direct", "masked"]
+        bad = [
+            (m, c)
+            for m, c in zip(masked, clear, strict=False)
+            if not (
+                m[0] == c[0]
+                and "****" in m[1]
+                and m[1] != c[1]
+                and m[2] != c[2]
+                and m[2][-4:] == c[2][-4:]
+                and m[3] % 1000 == 0
+                and m[3] <= c[3] < m[3] + 1000
+            )
+        ]
+        if len(masked) != MASK_ROWS or len(clear) != MASK_ROWS or bad:
+            first = f"; first bad row: masking {bad[0][0]!r}, direct {bad[0][1]!r}" if bad else ""
+            result.problems.append(
+                f"check failed, masked columns in {fmt} format: {len(masked)} rows through "
+                f"masking, {len(clear)} directly, {len(bad)} row(s) not masked as the policy "
+                f"says{first}"
+            )
+        else:
+            m, c = masked[0], clear[0]
+            result.checks.append(
+                f"{fmt} format, psycopg: all {MASK_ROWS:,} rows of email, ssn, salary are "
+                f"masked through masking (id 1: {m[1]!r}, {m[2]!r}, {m[3]} against "
+                f"{c[1]!r}, {c[2]!r}, {c[3]} directly)"
+            )
+        if got["masking", "clean"] == got["direct", "clean"] and got["direct", "clean"]:
+            result.checks.append(
+                f"{fmt} format, psycopg: all {MASK_ROWS:,} rows of name, city, quota are "
+                "identical through masking and directly"
+            )
+        else:
+            result.problems.append(
+                f"check failed, clean columns in {fmt} format differ through masking and directly"
+            )
+
+
+def window(lo: int) -> tuple[int, int]:
+    """The query parameters of the window of MASK_ROWS ids starting at ``lo``."""
+    return lo, lo + MASK_ROWS - 1
+
+
+def fetch_run(
+    conn: Any,
+    binary: bool,
+    sql: str,
+    seconds: float,
+    pids: list[int],
+    windows: Iterator[int],
+    warm: bool = False,
+) -> FetchRun:
+    """``sql`` executed and fetched (fetchall) over and over for ``seconds``, each time for the
+    next window start of ``windows``; with ``warm``, after one untimed execution."""
+    rows = queries = 0
+    try:
+        with conn.cursor(binary=binary) as cur:
+            if warm:
+                cur.execute(sql, window(next(windows)))
+                cur.fetchall()
+            cpu_before, client_before = cpu_seconds(pids), time.process_time()
+            start = time.perf_counter()
+            deadline = start + seconds
+            while True:
+                cur.execute(sql, window(next(windows)))
+                got = len(cur.fetchall())
+                if got != MASK_ROWS:
+                    return FetchRun(None, queries, error=f"{got} rows, not {MASK_ROWS}")
+                rows, queries = rows + got, queries + 1
+                if time.perf_counter() >= deadline:
+                    break
+    except Exception as exc:
+        return FetchRun(None, queries, error=repr(exc)[:300])
+    elapsed = time.perf_counter() - start
+    gateway = (cpu_seconds(pids) - cpu_before) * 1e3 / queries if pids else None
+    client = (time.process_time() - client_before) * 1e3 / queries
+    return FetchRun(rows / elapsed, queries, elapsed * 1e3 / queries, gateway, client)
+
+
+def run_masking_fetch(
+    masking: Target, direct: Target, result: MaskingResult, duration: int, rounds: int
+) -> None:
+    """The 10,000-row fetches: MASK_FETCH_RUNS in each format, alternating, ``rounds`` times."""
+    targets = {"masking": masking, "direct": direct}
+    conns: dict[str, Any] = {}
+    # "new": windows 2..MASK_WINDOWS in turn, carried on across rounds; "repeated": window 1.
+    new_starts = [1 + MASK_ROWS * k for k in range(1, MASK_WINDOWS)]
+    windows = {
+        (fmt, query): itertools.cycle(new_starts) for fmt in MASK_FORMATS for query in MASK_QUERIES
+    }
+    repeated = itertools.repeat(1)
+    try:
+        for name, target in targets.items():
+            try:
+                conns[name] = _connect(target)
+            except Exception as exc:
+                result.problems.append(
+                    f"cannot connect to {name} with psycopg: {exc!r}\n" + guard_log_tail(target)
+                )
+                log(result.problems[-1])
+                return
+        check_full_results(conns, result)
+        for round_no in range(1, rounds + 1):
+            for fmt in MASK_FORMATS:
+                for values, query, name in MASK_FETCH_RUNS:
+                    target = targets[name]
+                    pids = target.service.pids() if target.service is not None else []
+                    run = fetch_run(
+                        conns[name],
+                        fmt == "binary",
+                        MASK_QUERIES[query],
+                        duration,
+                        pids,
+                        repeated if values == "repeated" else windows[fmt, query],
+                        warm=values == "repeated",
+                    )
+                    result.fetch.setdefault((fmt, values, query, name), []).append(run)
+                    what = f"fetch {fmt} {values} values {query} round {round_no} {name}"
+                    if run.rows_per_s is None:
+                        result.problems.append(
+                            f"{what} failed: {run.error}\n" + guard_log_tail(target)
+                        )
+                        log(result.problems[-1])
+                        with suppress(Exception):
+                            conns[name].close()
+                        with suppress(Exception):
+                            conns[name] = _connect(target)
+                        continue
+                    shown = f"{run.rows_per_s:,.0f} rows/s, {run.ms_per_query:.1f} ms/query"
+                    if run.gateway_cpu_ms is not None:
+                        shown += f", pgguard CPU {run.gateway_cpu_ms:.1f} ms/query"
+                    log(f"{what}: {shown}")
+    finally:
+        for conn in conns.values():
+            with suppress(Exception):
+                conn.close()
+
+
+def run_masking_select(
+    pgbench: str,
+    plain: Target,
+    masking: Target,
+    result: MaskingResult,
+    workdir: Path,
+    clients_list: list[int],
+    duration: int,
+    rounds: int,
+) -> None:
+    """The select-only script (clean columns of the masked table) through ``plain`` and
+    ``masking``, alternating, per mode and client count."""
+    script = workdir / "masking-select.sql"
+    script.write_text(MASK_SELECT_SCRIPT)
+    targets = [plain, masking]
+    log("warming up pgguard and masking (select-only script, -M simple, 2 s each)")
+    for target in targets:
+        run_pgbench(pgbench, target, "simple", max(clients_list), 2, script)
+    for mode in MASK_SELECT_MODES:
+        for clients in clients_list:
+            cell = Cell(mode, clients, workload=MASK_SELECT_LABEL, script=script)
+            run_cell(pgbench, targets, cell, duration, rounds)
+            note_failures(cell, targets, result.problems)
+            result.cells.append(cell)
 
 
 # --------------------------------------------------------------------------- audit trail
@@ -1369,6 +1800,8 @@ class Context:
     guard_skipped: str = ""  # why the guard-rules measurements were not made
     audit: AuditResult | None = None
     audit_skipped: str = ""  # why the audit-trail measurements were not made
+    masking: MaskingResult | None = None
+    masking_skipped: str = ""  # why the masking measurements were not made
 
 
 def _first_line(argv: list[str]) -> str:
@@ -1385,6 +1818,23 @@ def loadavg() -> str:
         return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
+
+
+def pgguard_revision() -> str:
+    """The git commit of the checkout, and whether pgguard/ has uncommitted changes."""
+    head = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if head == "unknown" or " " in head:
+        return "unknown (not a git checkout)"
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "pgguard"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return head
+    return head + (" + uncommitted changes in pgguard/" if proc.stdout.strip() else "")
 
 
 def machine_info(pg: EmbeddedPostgres, pgbouncer: str | None) -> dict[str, str]:
@@ -1411,6 +1861,7 @@ def machine_info(pg: EmbeddedPostgres, pgbouncer: str | None) -> dict[str, str]:
         "pgbench": _first_line([find_tool(pg, "pgbench"), "--version"]),
         "pgbouncer": _first_line([pgbouncer, "--version"]) if pgbouncer else "not run",
         "pgguard": pgguard_version,
+        "pgguard revision": pgguard_revision(),
     }
 
 
@@ -1472,6 +1923,10 @@ def section_header(ctx: Context) -> str:
         "(see Audit trail)."
         if ctx.audit is not None
         else f"- audit-*: not run ({ctx.audit_skipped}).",
+        "- masking: another `pgguard serve` like pgguard but with a masking policy, logged "
+        "into as a member of developers (see Masking)."
+        if ctx.masking is not None
+        else f"- masking: not run ({ctx.masking_skipped}).",
         "",
         "Machine:",
         "",
@@ -2088,6 +2543,279 @@ def section_audit(ctx: Context) -> str:
     return "\n".join(lines)
 
 
+def _verdict(value: float | None, goal: float) -> tuple[str, bool | None]:
+    """``≥ goal: met`` / ``**missed**`` / ``n/a``, and whether it was met (None: n/a)."""
+    if value is None:
+        return f"≥ {goal}: n/a", None
+    met = value >= goal
+    return f"≥ {goal}: {'met' if met else '**missed**'}", met
+
+
+def _per_round(runs: list[FetchRun]) -> str:
+    return ", ".join(fmt_tps(r.rows_per_s) if r.rows_per_s is not None else "failed" for r in runs)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.1f}" if value is not None else "n/a"
+
+
+def section_masking(ctx: Context) -> str:
+    lines = ["## Masking (issue 4)", ""]
+    result = ctx.masking
+    if result is None:
+        return "\n".join([*lines, f"Not measured: {ctx.masking_skipped}."])
+    a = ctx.args
+    import psycopg
+
+    def shown(sql: str) -> str:
+        return sql.replace("%s", "$1", 1).replace("%s", "$2", 1)
+
+    lines += [
+        "`masking` is one more `pgguard serve` (same flags as `pgguard`) with the policy below: "
+        f"three masks on `public.{MASK_TABLE}` (email `partial_email`, ssn `keep_last(4)`, "
+        "salary `generalize(1000)`), each exempting dba only, and no rules. Clients log in "
+        f"with a token for `{MASK_SUB}`, groups {', '.join(MASK_GROUPS)}, so the masks apply "
+        f"to them ({MASK_SECRET_ENV} is set, though none of these masks is keyed). "
+        f"`{MASK_TABLE}` has {MASK_TABLE_ROWS:,} rows of made-up people (emails like "
+        "`user1234@example.com`, SSNs like `123-45-6789`, salaries 30,000 to 200,000 in "
+        "numeric(10,2)); `quota` is a clean numeric(10,2) twin of salary, and `name` and "
+        "`city` are clean texts of about the widths of email and ssn"
+        + (f" (average widths: {', '.join(result.widths)})" if result.widths else "")
+        + ". `pgguard` is the policy-less pass-through target of the tables above. "
+        "Targets (issue 4): a 10,000-row select of three masked columns at ≥ "
+        f"{MASK_FETCH_GOAL} x the rows per second of the same select of three clean columns "
+        "through pgguard, in text and binary formats; a select-only workload on a table "
+        f"with masks, not selecting the masked columns, at ≥ {MASK_SELECT_GOAL} x "
+        "pass-through. The caveat of How to read this holds here too: on this shared "
+        f"{ctx.machine.get('CPUs (nproc)', '?')}-core machine the client, PostgreSQL and "
+        "pgguard compete for the same cores, so quote the medians and ratios, not single runs"
+        + (f" (load averages 1/5/15 min: {'; '.join(result.load)})" if result.load else "")
+        + ".",
+        "",
+        "### 10,000-row selects, masked and clean columns (psycopg 3)",
+        "",
+        f"One process, psycopg {psycopg.__version__} ({psycopg.pq.__impl__} implementation), "
+        "one autocommit connection per target, statements never prepared "
+        "(`prepare_threshold=None`: Parse/Bind/Execute of the unnamed statement each time); "
+        "text format with `cur.execute(q, window); cur.fetchall()`, binary with "
+        f"`conn.cursor(binary=True)`. Masked: `{shown(MASK_QUERIES['masked'])}`; clean: "
+        f"`{shown(MASK_QUERIES['clean'])}`, each window {MASK_ROWS:,} ids. pgguard remembers "
+        "the masked results of short values (per mask and format, a bounded number), so the "
+        "same select repeated measures that memo's hits: **repeated values** fetches window "
+        f"1 (ids 1 to {MASK_ROWS:,}) every time, after one untimed fetch; **new values** "
+        f"moves to the next of windows 2 to {MASK_WINDOWS} every time, "
+        f"{(MASK_WINDOWS - 1) * MASK_ROWS:,} distinct values per column before a window "
+        "comes round again, more than the memo keeps: every masked value is computed, the "
+        "worst case and what a table larger than the memo costs. Each run repeats its "
+        f"fetch for {a.duration} s; rows/s is rows fetched / wall time. Runs alternate, in "
+        "each format: "
+        + ", ".join(f"{v} {q} through {t}" for v, q, t in MASK_FETCH_RUNS)
+        + f"; {a.rounds} round(s), medians quoted. `direct` is PostgreSQL itself, for "
+        "context (the same selects, unmasked). pgguard CPU is the masking target's "
+        "user+system CPU per fetch; client CPU is this process's (psycopg turning 10,000 "
+        "rows into Python objects), which competes for the same cores.",
+        "",
+    ]
+    rows = []
+    fetch_goals: list[tuple[str, float | None, bool | None]] = []
+    for fmt in MASK_FORMATS:
+        clean_d = result.median((fmt, "repeated", "clean", "direct"))
+        for values in ("repeated", "new"):
+            masked = result.median((fmt, values, "masked", "masking"))
+            clean = result.median((fmt, values, "clean", "masking"))
+            ratio = masked / clean if masked is not None and clean else None
+            verdict, met = _verdict(ratio, MASK_FETCH_GOAL)
+            fetch_goals.append((f"{fmt}, {values} values", ratio, met))
+            rows.append(
+                [
+                    fmt,
+                    values,
+                    fmt_tps(masked),
+                    fmt_tps(clean),
+                    fmt_ratio(masked, clean),
+                    verdict,
+                    _ms(result.median((fmt, values, "masked", "masking"), "gateway_cpu_ms")),
+                    _ms(result.median((fmt, values, "clean", "masking"), "gateway_cpu_ms")),
+                    fmt_tps(clean_d),
+                    fmt_ratio(clean, clean_d),
+                ]
+            )
+    lines += [
+        table(
+            [
+                "format",
+                "values",
+                "masked rows/s",
+                "clean rows/s",
+                "masked/clean",
+                "issue 4 target",
+                "pgguard CPU ms/fetch, masked",
+                "pgguard CPU ms/fetch, clean",
+                "clean rows/s direct (repeated)",
+                "clean masking/direct",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    detail = []
+    for fmt in MASK_FORMATS:
+        for values, query, name in MASK_FETCH_RUNS:
+            key = (fmt, values, query, name)
+            runs = result.fetch.get(key, [])
+            detail.append(
+                [
+                    fmt,
+                    values,
+                    query,
+                    name,
+                    fmt_tps(result.median(key)),
+                    _ms(result.median(key, "ms_per_query")),
+                    _ms(result.median(key, "gateway_cpu_ms")),
+                    _ms(result.median(key, "client_cpu_ms")),
+                    str(sum(r.queries for r in runs)),
+                    _per_round(runs),
+                ]
+            )
+    lines += [
+        "Every fetch run (medians over the rounds; rows/s per round in run order):",
+        "",
+        table(
+            [
+                "format",
+                "values",
+                "columns",
+                "target",
+                "rows/s",
+                "ms/fetch",
+                "pgguard CPU ms/fetch",
+                "client CPU ms/fetch",
+                "fetches (all rounds)",
+                "rows/s per round",
+            ],
+            detail,
+            text_columns=4,
+        ),
+        "",
+        "### Select-only on the masked table, clean columns (pgbench)",
+        "",
+        f"A custom pgbench script (`-f`, {', '.join(MASK_SELECT_MODES)} modes, clients "
+        f"{', '.join(map(str, a.clients))}, -j 1 for one client, else -j 2): "
+        f"`\\set id random(1, {MASK_TABLE_ROWS})` then "
+        f"`SELECT name, city FROM {MASK_TABLE} WHERE id = :id`. The statement reads a table "
+        "with masks but none of its masked columns: `masking` plans it (the result's "
+        "columns are clean) and relays the rows unchanged. After a 2 s warm-up through "
+        f"each, runs alternate pgguard → masking, {a.rounds} round(s) of {a.duration} s; "
+        "medians quoted. `masking CPU extra µs/tx` is masking's CPU per transaction minus "
+        "pgguard's.",
+        "",
+    ]
+    select_rows = []
+    select_goals: list[tuple[Cell, float | None, bool | None]] = []
+    for cell in result.cells:
+        p, m = cell.tps("pgguard"), cell.tps("masking")
+        pc, mc = cell.cpu("pgguard"), cell.cpu("masking")
+        ratio = m / p if m is not None and p else None
+        verdict, met = _verdict(ratio, MASK_SELECT_GOAL)
+        select_goals.append((cell, ratio, met))
+        select_rows.append(
+            [
+                cell.mode,
+                str(cell.clients),
+                fmt_tps(p),
+                fmt_tps(m),
+                fmt_ratio(m, p),
+                verdict,
+                fmt_us(pc),
+                fmt_us(mc),
+                f"{mc - pc:+.1f}" if pc is not None and mc is not None else "n/a",
+            ]
+        )
+    lines += [
+        table(
+            [
+                "mode",
+                "clients",
+                "pgguard TPS",
+                "masking TPS",
+                "masking/pgguard",
+                "issue 4 target",
+                "pgguard CPU µs/tx",
+                "masking CPU µs/tx",
+                "masking CPU extra µs/tx",
+            ],
+            select_rows,
+        ),
+        "",
+    ]
+    summary = []
+    measured = [(f, r, ok) for f, r, ok in fetch_goals if ok is not None]
+    if measured:
+        missed = [f"{f} ({r:.2f})" for f, r, ok in measured if not ok and r is not None]
+        span = _span([r for _, r, _ in measured if r is not None], "{:.2f}")
+        summary.append(
+            f"10,000-row select, masked/clean ≥ {MASK_FETCH_GOAL}: ratio {span}; "
+            + (
+                f"met in all {len(measured)} (format, values) pair(s)"
+                if not missed
+                else f"missed in {len(missed)} of {len(measured)}: " + ", ".join(missed)
+            )
+            + "."
+        )
+    measured_s = [(c, r, ok) for c, r, ok in select_goals if ok is not None]
+    if measured_s:
+        missed = [f"{c.mode} -c {c.clients} ({r:.2f})" for c, r, ok in measured_s if not ok and r]
+        span = _span([r for _, r, _ in measured_s if r is not None], "{:.2f}")
+        summary.append(
+            f"select-only of clean columns, masking/pgguard ≥ {MASK_SELECT_GOAL}: ratio {span}; "
+            + (
+                f"met in all {len(measured_s)} cell(s)"
+                if not missed
+                else f"missed in {len(missed)} of {len(measured_s)}: " + ", ".join(missed)
+            )
+            + "."
+        )
+    if summary:
+        lines += ["Against issue 4's targets (ratios of the medians):", ""]
+        lines += [f"- {s}" for s in summary] + [""]
+    lines += [
+        "Checked through `masking` and directly before measuring:",
+        "",
+        *[f"- {check}" for check in result.checks],
+    ]
+    if result.warnings:
+        lines += ["", "`pgguard policy check` warnings:", ""]
+        lines += [f"- {w}" for w in result.warnings]
+    if result.problems:
+        lines += ["", "Problems:", "", *_problem_lines(result.problems)]
+    raw_rows = []
+    for cell in result.cells:
+        for target, pgbench_runs in cell.runs.items():
+            raw_rows.append(
+                [
+                    cell.mode,
+                    str(cell.clients),
+                    target,
+                    ", ".join(
+                        fmt_tps(r.tps) if r.tps is not None else "failed" for r in pgbench_runs
+                    ),
+                ]
+            )
+    lines += [
+        "",
+        "<details><summary>Every select-only run (TPS, in run order) and the policy</summary>",
+        "",
+        table(["mode", "clients", "target", "TPS per round"], raw_rows, text_columns=3),
+        "",
+        "```yaml",
+        result.policy.rstrip(),
+        "```",
+        "",
+        "</details>",
+    ]
+    return "\n".join(lines)
+
+
 # Sections in document order; a later benchmark appends its own function here.
 SECTIONS: list[Callable[[Context], str]] = [
     section_header,
@@ -2096,6 +2824,7 @@ SECTIONS: list[Callable[[Context], str]] = [
     section_bounds,
     section_guard,
     section_audit,
+    section_masking,
     section_memory,
 ]
 
@@ -2152,6 +2881,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="leave out the audit-trail measurements (pgguard with the audit on)",
     )
+    parser.add_argument(
+        "--skip-masking",
+        action="store_true",
+        help="leave out the masking measurements (pgguard with masks)",
+    )
     parser.add_argument("--clients", type=_csv_ints, default=[1, 8], help='e.g. "1,8" (default)')
     parser.add_argument(
         "--modes",
@@ -2165,8 +2899,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: --duration 3 --rounds 1 (guard rules, audit trail and floor "
-        "included, unless --skip-guard / --skip-audit / --skip-floor)",
+        help="smoke run: --duration 3 --rounds 1 (guard rules, audit trail, masking and "
+        "floor included, unless --skip-guard / --skip-audit / --skip-masking / --skip-floor)",
     )
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -2260,6 +2994,19 @@ def run(args: argparse.Namespace, command: str) -> Context:
             guard_target, guard_result = start_guard(stack, workdir, pg, password, args.workers)
             verify_guard(psql, guard_target, guard_result)
 
+        masking_target: Target | None = None
+        masking_result: MaskingResult | None = None
+        masking_skipped = ""
+        if args.skip_masking:
+            masking_skipped = "--skip-masking"
+        elif args.skip_pgguard:
+            masking_skipped = "--skip-pgguard: the masking target is compared with pgguard"
+        else:
+            masking_target, masking_result = start_masking(
+                stack, workdir, pg, password, args.workers
+            )
+            verify_masking(psql, masking_target, direct, masking_result)
+
         pgbouncer_exe: str | None = None
         if args.skip_pgbouncer:
             notes.append("pgbouncer was skipped (--skip-pgbouncer).")
@@ -2286,6 +3033,7 @@ def run(args: argparse.Namespace, command: str) -> Context:
             targets=[t.name for t in targets],
             notes=notes,
             guard_skipped=guard_skipped,
+            masking_skipped=masking_skipped,
         )
         ctx.machine["load average 1/5/15 min, at start"] = load_at_start
         log("warming up (direct, 3 s)")
@@ -2306,6 +3054,23 @@ def run(args: argparse.Namespace, command: str) -> Context:
                 args.rounds,
             )
             ctx.guard = guard_result
+        if masking_target is not None and masking_result is not None:
+            wait_backends_gone(pg)
+            masking_result.load.append(f"{loadavg()} (before)")
+            run_masking_fetch(masking_target, direct, masking_result, args.duration, args.rounds)
+            wait_backends_gone(pg)
+            run_masking_select(
+                pgbench,
+                next(t for t in targets if t.name == "pgguard"),
+                masking_target,
+                masking_result,
+                workdir,
+                args.clients,
+                args.duration,
+                args.rounds,
+            )
+            masking_result.load.append(f"{loadavg()} (after)")
+            ctx.masking = masking_result
         if args.skip_audit:
             ctx.audit_skipped = "--skip-audit"
         elif args.skip_pgguard:
