@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench venv node clean compose-up
+.PHONY: run test lint bench venv node browser clean compose-up
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,17 @@ tests/node/node_modules/.installed: tests/node/package.json
 
 node: tests/node/node_modules/.installed
 
+# The approvals page test drives Debian's chromium (playwright-core from npm). Installed when
+# missing and possible (root with apt); otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+		>/dev/null 2>&1; } || echo "chromium not installed: the browser test will be skipped"
+
 run: venv
 	$(BIN)/pgguard demo
 
-test: venv node
+test: venv node browser
 	$(BIN)/python -m pytest -q
 
 lint: venv

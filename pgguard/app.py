@@ -43,6 +43,8 @@ async def serve_async(
     gateway.worker_group = worker_group
     admin = await start_admin(settings, gateway)  # /metrics, /healthz, /readyz
     await gateway.start()
+    for prefix, handler in gateway.approval_routes().items():
+        admin.route(prefix, handler)  # /api/approvals, /approvals
     log.info(
         "pgguard listening on %s:%s (event loop: %s)",
         settings.listen.host,

@@ -436,6 +436,216 @@ def sessions_show(config: Path | None, session_id: str) -> None:
     click.echo(transcript(records))
 
 
+@main.group()
+def approvals() -> None:
+    """List, approve and deny held statements; list and revoke approval windows.
+
+    Deciding needs your JWT (--token or $PGGUARD_TOKEN), validated with the configured
+    identity settings: the same rules as the admin API (only the rule's approver groups,
+    never your own request)."""
+
+
+token_option = click.option(
+    "--token",
+    envvar="PGGUARD_TOKEN",
+    default=None,
+    help="Your JWT (default: $PGGUARD_TOKEN, preferred: a command line is visible to others).",
+)
+
+
+def _approval_store(settings: Settings) -> Any:
+    from pgguard.approvals.store import ApprovalStore
+    from pgguard.audit.store import StoreError
+
+    if not settings.audit.url:
+        click.echo("audit.url is not configured: approvals live in the audit store", err=True)
+        sys.exit(2)
+    try:
+        return ApprovalStore(settings.audit.url, migrate=False)
+    except StoreError as exc:
+        click.echo(f"cannot open the approval store: {exc}", err=True)
+        sys.exit(2)
+
+
+def _decider(settings: Settings, token: str | None) -> Any:
+    """The identity of the person deciding, validated exactly as the admin API does."""
+    import asyncio
+
+    from pgguard.identity import IdentityConfigError, TokenError, TokenValidator
+
+    if not token or not token.strip():
+        click.echo("a token is required to decide: --token or $PGGUARD_TOKEN", err=True)
+        sys.exit(2)
+    try:
+        validator = TokenValidator(settings.identity)
+    except IdentityConfigError as exc:
+        click.echo(f"identity configuration: {exc}", err=True)
+        sys.exit(2)
+    try:
+        return asyncio.run(validator.validate(token.strip()))
+    except TokenError as exc:
+        click.echo(f"token refused: {exc}", err=True)
+        sys.exit(1)
+
+
+def _announce(settings: Settings, request: Any) -> None:
+    """Send the "decided" webhook, as the API does, and wait (briefly) for its delivery."""
+    from pgguard.approvals.webhook import WebhookNotifier
+
+    url = settings.approvals.webhook_url
+    if not url:
+        return
+    try:
+        notifier = WebhookNotifier(url)
+    except ValueError as exc:
+        click.echo(f"warning: {exc}; no notification sent", err=True)
+        return
+    notifier.notify("decided", request)
+    notifier.close(timeout=10.0)
+
+
+@approvals.command("list")
+@config_option
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "decided", "all", "approved", "denied", "expired", "withdrawn"]),
+    default="pending",
+    show_default=True,
+)
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def approvals_list(config: Path | None, status: str, limit: int, as_json: bool) -> None:
+    """List approval requests, newest first."""
+    import time
+
+    from pgguard.approvals.display import request_table
+
+    store = _approval_store(_load(config))
+    with store:
+        requests = store.list(status, limit)
+    if as_json:
+        click.echo(
+            "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in requests), nl=False
+        )
+    else:
+        click.echo(request_table(requests, time.time()), nl=False)
+
+
+def _decide(
+    config: Path | None,
+    request_id: str,
+    approve: bool,
+    reason: str | None,
+    window: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    import time
+
+    from pgguard.approvals.display import request_detail
+    from pgguard.approvals.model import ApprovalError
+    from pgguard.approvals.rules import parse_window
+
+    settings = _load(config)
+    try:
+        seconds = parse_window(window)
+    except ApprovalError as exc:
+        raise click.BadParameter(str(exc), param_hint="--for") from None
+    who = _decider(settings, token)
+    store = _approval_store(settings)
+    with store:
+        try:
+            decided = store.decide(request_id, approve, who.user, who.groups, reason, seconds)
+        except ApprovalError as exc:
+            click.echo(f"refused: {exc}", err=True)
+            sys.exit(1)
+    _announce(settings, decided)
+    if as_json:
+        click.echo(json.dumps(decided.to_dict(), sort_keys=True))
+    else:
+        click.echo(request_detail(decided, time.time()), nl=False)
+
+
+@approvals.command("approve")
+@config_option
+@click.argument("request_id")
+@click.option("--reason", default=None, help="Why (shown to the requester and in the audit).")
+@click.option(
+    "--for",
+    "window",
+    default=None,
+    help="Also grant a window, e.g. 30m: the same user and "
+    "rule run without asking again until it ends.",
+)
+@token_option
+@click.option("--json", "as_json", is_flag=True)
+def approvals_approve(
+    config: Path | None,
+    request_id: str,
+    reason: str | None,
+    window: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Approve a held statement: it runs."""
+    _decide(config, request_id, True, reason, window, token, as_json)
+
+
+@approvals.command("deny")
+@config_option
+@click.argument("request_id")
+@click.option("--reason", required=True, help="Why: the client's error message carries it.")
+@token_option
+@click.option("--json", "as_json", is_flag=True)
+def approvals_deny(
+    config: Path | None, request_id: str, reason: str, token: str | None, as_json: bool
+) -> None:
+    """Deny a held statement: the client gets 42501 with the reason."""
+    _decide(config, request_id, False, reason, None, token, as_json)
+
+
+@approvals.command("windows")
+@config_option
+@click.option("--all", "show_all", is_flag=True, help="Also revoked and finished windows.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def approvals_windows(config: Path | None, show_all: bool, as_json: bool) -> None:
+    """List approval windows (active ones unless --all), newest first."""
+    import time
+
+    from pgguard.approvals.display import window_table
+
+    store = _approval_store(_load(config))
+    now = time.time()
+    with store:
+        windows = store.windows(not show_all, now)
+    if as_json:
+        click.echo(
+            "".join(json.dumps(w.to_dict(), sort_keys=True) + "\n" for w in windows), nl=False
+        )
+    else:
+        click.echo(window_table(windows, now), nl=False)
+
+
+@approvals.command("revoke")
+@config_option
+@click.argument("window_id")
+@token_option
+def approvals_revoke(config: Path | None, window_id: str, token: str | None) -> None:
+    """Revoke an approval window (the rule's approvers only)."""
+    from pgguard.approvals.model import ApprovalError
+
+    settings = _load(config)
+    who = _decider(settings, token)
+    store = _approval_store(settings)
+    with store:
+        try:
+            window = store.revoke_window(window_id, who.user, who.groups)
+        except ApprovalError as exc:
+            click.echo(f"refused: {exc}", err=True)
+            sys.exit(1)
+    click.echo(f"window {window.id} revoked")
+
+
 @main.command()
 @click.option("--port", type=int, default=6432, help="Gateway port (0: any free port).")
 @click.option("--keep-running/--exit-after-start", default=True, hidden=True)

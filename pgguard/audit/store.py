@@ -160,8 +160,16 @@ def _migration_1(conn: Connection) -> None:
     records_table.create(conn)
 
 
+def _migration_2(conn: Connection) -> None:
+    # Just-in-time approval (SPEC §6): requests and the windows approvals grant. Imported here:
+    # pgguard.approvals imports this module.
+    from pgguard.approvals.schema import create_v2
+
+    create_v2(conn)
+
+
 # Version N = the first N migrations applied. Append, never edit.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -73,7 +73,8 @@ class SessionPlanner:
     def __init__(self, cache: LineageCache, guard: SessionGuard) -> None:
         self.cache = cache
         self.guard = guard
-        self._plans: dict[tuple[object, ...], tuple[StatementPlan, ...]] = {}
+        self._plans: dict[object, tuple[StatementPlan, ...]] = {}
+        self._path = guard.search_path  # plans under it are keyed by the text alone
         self._epoch = -1
         self._masks: tuple[MaskRule, ...] = ()
         self._origins: dict[tuple[int, int], ColumnMask | None] = {}
@@ -89,6 +90,7 @@ class SessionPlanner:
         if self._epoch != state.epoch[0]:
             self._epoch = state.epoch[0]
             self._plans.clear()
+            self._path = self.guard.search_path
             self._origins.clear()
             policy = state.policy
             self._masks = masks_for(policy, self.guard.identity) if policy is not None else ()
@@ -98,13 +100,25 @@ class SessionPlanner:
         if not self._masks:
             return ()
         guard = self.guard
-        key = (sql, guard.search_path, *guard.pending_paths)
+        if guard.pending_paths:
+            key: object = (sql, guard.search_path, *guard.pending_paths)
+        else:
+            key = sql if guard.search_path is self._path else (sql, guard.search_path)
         plans = self._plans.get(key)
+        if plans is not None:
+            return plans
+        # A new text: one that differs from a known one only in numbers has its plans.
+        shape = None
+        if not guard.pending_paths and _PLAIN_TEXT.match(sql):
+            shape = (_NUMBER.sub("?", sql), guard.search_path)
+            plans = self._plans.get(shape)
         if plans is None:
             plans = self._plan(sql)
-            if len(self._plans) >= 4096:
-                self._plans.clear()
-            self._plans[key] = plans
+        if len(self._plans) >= 4096:
+            self._plans.clear()
+        self._plans[key] = plans
+        if shape is not None:
+            self._plans[shape] = plans
         return plans
 
     def _plan(self, sql: str) -> tuple[StatementPlan, ...]:

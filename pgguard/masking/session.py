@@ -42,13 +42,8 @@ from pgguard.masking.plan import (
 )
 from pgguard.masking.rows import CopyFormat, RowFormatError, RowMasker
 from pgguard.protocol.messages import (
-    Bind,
-    Close,
-    Describe,
     ErrorResponse,
-    Parse,
     ProtocolError,
-    Query,
     RowDescription,
     error_fields,
 )
@@ -60,6 +55,8 @@ Planner = Callable[[str], tuple[StatementPlan, ...]]
 OriginMask = Callable[[int, int], ColumnMask | None]
 
 _LEN = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_I32S = struct.Struct("!i")
 _I16 = struct.Struct("!h")
 _T, _N, _D, _C, _I, _S, _E, _Z, _H, _CD = 84, 110, 68, 67, 73, 115, 69, 90, 72, 100
 _Q, _P, _B, _SYNC, _F, _CLOSE, _EXEC, _DESC = 81, 80, 66, 83, 70, 67, 69, 68
@@ -76,9 +73,27 @@ class _Statement:
 @dataclass(slots=True)
 class _Portal:
     statement: _Statement
-    formats: tuple[int, ...]
+    bind: bytes  # the Bind message: its result formats are read only when rows are masked
     types: tuple[tuple[int, int], ...] | None = None
     described: bool = False
+
+    @property
+    def formats(self) -> tuple[int, ...]:
+        return _bind_result_formats(self.bind)
+
+
+def _bind_result_formats(msg: bytes) -> tuple[int, ...]:
+    """The result format codes at the end of a Bind message."""
+    i = msg.index(0, msg.index(0, 5) + 1) + 1
+    count = _U16.unpack_from(msg, i)[0]
+    i += 2 + 2 * count
+    count = _U16.unpack_from(msg, i)[0]
+    i += 2
+    for _ in range(count):
+        length = _I32S.unpack_from(msg, i)[0]
+        i += 4 + (length if length > 0 else 0)
+    count = _U16.unpack_from(msg, i)[0]
+    return struct.unpack_from(f"!{count}h", msg, i + 2) if count else ()
 
 
 @dataclass(slots=True)
@@ -115,8 +130,8 @@ class SessionMasking:
         self.cache = cache
         self.origin = origin
         self._slots: deque[_Slot] = deque()
-        self._statements: dict[str, _Statement] = {}
-        self._portals: dict[str, _Portal] = {}
+        self._statements: dict[bytes, _Statement] = {}  # by name
+        self._portals: dict[bytes, _Portal] = {}
         self._named: dict[tuple[str, str], ResultPlan | None] = {}
         self._rows: RowMasker | None = None  # masks the DataRows of the current result
         self._copy: tuple[RowMasker, CopyFormat | None, bool] | None = None
@@ -131,40 +146,38 @@ class SessionMasking:
 
     # ------------------------------------------------------------------ client side
     def client(self, t: int, msg: bytes) -> bytes | None:
-        """A client message (whole, type byte first). Returns bytes to send instead, or None."""
-        body = msg[5:]
+        """A client message (whole, type byte first). Returns bytes to send instead, or None.
+        Names stay bytes and Bind is not decoded: this runs for every extended message."""
         if t == _Q:
-            self._slots.append(_Slot("query", sql=Query.decode_body(body).sql))
+            self._slots.append(_Slot("query", sql=msg[5:-1].decode("utf-8", "surrogateescape")))
         elif t == _P:
-            parse = Parse.decode_body(body)
-            self._statements[parse.name] = _Statement(parse.sql)
+            i = msg.index(0, 5)
+            sql = msg[i + 1 : msg.index(0, i + 1)].decode("utf-8", "surrogateescape")
+            self._statements[msg[5:i]] = _Statement(sql)
         elif t == _B:
-            bind = Bind.decode_body(body)
-            statement = self._statements.get(bind.statement)
+            i = msg.index(0, 5)
+            statement = self._statements.get(msg[i + 1 : msg.index(0, i + 1)])
             if statement is not None:
-                self._portals[bind.portal] = _Portal(statement, bind.result_formats)
+                self._portals[msg[5:i]] = _Portal(statement, msg)
             else:
-                self._portals.pop(bind.portal, None)
+                self._portals.pop(msg[5:i], None)
         elif t == _DESC:
-            describe = Describe.decode_body(body)
-            if describe.kind == b"S":
-                self._slots.append(
-                    _Slot("describe_s", statement=self._statements.get(describe.name))
-                )
+            name = msg[6:-1]
+            if msg[5] == 83:  # "S"
+                self._slots.append(_Slot("describe_s", statement=self._statements.get(name)))
             else:
-                self._slots.append(_Slot("describe_p", portal=self._portals.get(describe.name)))
+                self._slots.append(_Slot("describe_p", portal=self._portals.get(name)))
         elif t == _EXEC:
-            name = msg[5 : msg.index(0, 5)].decode("utf-8", "surrogateescape")
+            name = msg[5 : msg.index(0, 5)]
             portal = self._portals.get(name)
             injected = b""
             if portal is not None and self._needs_description(portal):
-                injected = Describe(b"P", name).encode()
+                injected = b"D" + _LEN.pack(len(name) + 6) + b"P" + name + b"\x00"
                 self._slots.append(_Slot("describe_p", portal=portal, hidden=True))
             self._slots.append(_Slot("execute", portal=portal))
             return injected + msg if injected else None
         elif t == _CLOSE:
-            close = Close.decode_body(body)
-            (self._statements if close.kind == b"S" else self._portals).pop(close.name, None)
+            (self._statements if msg[5] == 83 else self._portals).pop(msg[6:-1], None)
         elif t == _SYNC:
             self._slots.append(_Slot("sync"))
         elif t == _F:

@@ -19,7 +19,7 @@ from pgguard.policy.analysis import AnalysisError, analyse, prepared_statement
 from pgguard.policy.catalog import CatalogSnapshot, effective_search_path
 from pgguard.policy.engine import Decision, Limits, decide_many, limits_for
 from pgguard.policy.facts import StatementFacts
-from pgguard.policy.identity_guard import Refusal, check_identity
+from pgguard.policy.identity_guard import Hold, Refusal, check_identity
 from pgguard.policy.model import Policy
 
 log = logging.getLogger("pgguard.guard")
@@ -335,9 +335,11 @@ def _refusal(decision: Decision) -> Refusal | None:
         return None
     if decision.action == "require_approval":
         approvers = ", ".join(decision.approvers) or "an approver"
-        return Refusal(
+        # Refused with this text where statements cannot be held (no approvals store).
+        return Hold(
             decision.rule,
-            f"{decision.message} (needs approval by {approvers}; "
-            "this gateway does not hold statements for approval yet)",
+            f"{decision.message} (needs approval by {approvers}; no approvals store is "
+            "configured, so it cannot wait for one)",
+            approvers=tuple(decision.approvers),
         )
     return Refusal(decision.rule, decision.message)

@@ -77,6 +77,14 @@ class Refusal:
         return f"pgguard: {self.rule}: {self.message}"
 
 
+@dataclass(frozen=True, slots=True)
+class Hold(Refusal):
+    """A statement that waits for a human's approval (``require_approval``). Where the relay
+    cannot hold statements it is refused like any other refusal."""
+
+    approvers: tuple[str, ...] = ()
+
+
 def unsafe_setting(name: str, value: str | None) -> str | None:
     """Why setting ``name`` to ``value`` would let the server read SQL differently, or None.
     ``value`` None means "not a constant" (refused for these names)."""

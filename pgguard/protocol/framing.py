@@ -162,6 +162,12 @@ class Scanner:
         """True when no message is partially received."""
         return self._pending is None and not self._skip
 
+    def reset(self) -> None:
+        """Forget a partial message: the caller keeps the bytes and scans them again."""
+        self._pending = None
+        self._need = 0
+        self._skip = 0
+
     def buffered(self) -> int:
         """Bytes held back: a partial header or a partial intercepted message."""
         return 0 if self._pending is None else len(self._pending)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
 from pgguard.audit.recording import SessionRecorder
-from pgguard.policy.identity_guard import Refusal, unsafe_setting
+from pgguard.policy.identity_guard import Hold, Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
     Bind,
@@ -65,6 +65,8 @@ _TRACKED_REPLIES = frozenset(_TRACK_SERVER)
 # Called with the statements whose outcome just became known.
 RunsCallback = Callable[[list[StatementRun]], None]
 _ROW_LIMIT_TYPES = frozenset((_D, _C, _E, _Z))
+_JUDGED = frozenset((_Q, _P, _B))  # client messages whose SQL the hook judges
+_COUNTED = frozenset((_S, _F))  # client messages answered by a ReadyForQuery
 # Masking follows every request and reply that starts, describes or ends a result.
 MASKING_CLIENT_TYPES = b"QPBDECSF"
 MASKING_SERVER_TYPES = b"TntCIsEZHdcG"
@@ -105,12 +107,17 @@ class RelayCore:
         "_client",
         "_epoch_seen",
         "_extra_server",
+        "_held_bytes",
+        "_held_in",
+        "_held_limit",
+        "_held_sql",
         "_internal_active",
         "_internal_error",
         "_internal_queue",
         "_internal_rows",
         "_marker",
         "_over",
+        "_overrides",
         "_preview",
         "_preview_count",
         "_preview_limits",
@@ -126,10 +133,12 @@ class RelayCore:
         "ending",
         "epoch",
         "gate",
+        "holding",
         "hook",
         "masking",
         "masking_wanted",
         "max_rows",
+        "on_hold",
         "on_runs",
         "pending",
         "row_limit_mode",
@@ -181,6 +190,14 @@ class RelayCore:
         # Extended-protocol messages sent since the last Sync: their replies may come (after
         # a Flush) without a ReadyForQuery, so pgguard's own queries must wait for the Sync.
         self.unsynced = False
+        # Approval holds: the statement waiting for a decision and the client bytes from it.
+        self.on_hold: Callable[[Hold, str], None] | None = None  # set: holds are supported
+        self.holding: Hold | None = None
+        self._held_sql = b""
+        self._held_in: list[bytes] = []
+        self._held_bytes = 0
+        self._held_limit = 4 * max_message_bytes
+        self._overrides: dict[bytes, Refusal | None] = {}
         self.masking: SessionMasking | None = None
         self.masking_wanted: SessionMasking | None = None  # enabled at the next idle point
         self._extra_server = b""  # server types intercepted for masking
@@ -206,6 +223,7 @@ class RelayCore:
         """No request outstanding and nothing half-received in either direction."""
         return (
             self.pending == 0
+            and self.holding is None
             and self._internal_active is None
             and self._client.idle()
             and self._server.idle()
@@ -230,22 +248,37 @@ class RelayCore:
 
     def from_client(self, data: bytes) -> bytes:
         """Client bytes → bytes for the server."""
-
+        if self.holding is not None:
+            # A statement awaits approval: nothing after it reaches the server yet.
+            self._held_bytes += len(data)
+            if self._held_bytes > self._held_limit:
+                raise ProtocolError("too much data sent while a statement awaits approval")
+            self._held_in.append(data)
+            return b""
         buf, hits, cut = self._client.scan(data)
         if hits:
             return self._client_messages(buf, hits, cut)
         return buf if cut == len(buf) else buf[:cut]
 
     def _client_messages(self, buf: bytes, hits: list[int], cut: int) -> bytes:
-        if self.tracker is not None:
-            self._track_client(buf, hits)
         out: list[bytes] | None = None  # built only when a message is replaced
         prev = 0
         masking = self.masking
-        for pos in hits:
+        for k, pos in enumerate(hits):
             t = buf[pos]
+            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            refusal: Refusal | None = None
+            if self.hook is not None and t in _JUDGED:
+                sql = self._sql_of(t, buf, pos, end)
+                if sql is not None:
+                    refusal = self._verdict(sql)
+                    if type(refusal) is Hold and self.on_hold is not None:
+                        if self.tracker is not None:
+                            self._track_client(buf, hits[:k])
+                        return self._hold(buf, pos, out, prev, refusal, sql)
+                    if t == _P:
+                        self._statements[buf[pos + 5 : buf.index(0, pos + 5)]] = sql
             if masking is not None:
-                end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
                 replacement = masking.client(t, buf[pos:end])
                 if replacement is not None:  # an Execute with a Describe slipped in
                     if out is None:
@@ -253,51 +286,78 @@ class RelayCore:
                     out.append(buf[prev:pos])
                     out.append(replacement)
                     prev = end
-            if t in (_S, _F):
+            if t in _COUNTED:
                 self.pending += 1
                 if t == _S:
                     self.unsynced = False
                 continue
-            if t != _Q and t != _X:
-                self.unsynced = True  # Parse, Bind, Describe, Execute, Close
             if t == _X:
                 self.terminated = True
                 self.closing = True
                 continue
-            if t != _Q and t != _P and t != _B:
-                continue  # Execute, Close: seen only by the statement tracker
-            if self.hook is None:
-                if t == _Q:
-                    self.pending += 1
-                continue
-            end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
             if t == _Q:
                 self.pending += 1
-                sql: bytes | None = buf[pos + 5 : end - 1]
-            else:  # Parse or Bind: a name (portal for Bind), then the statement's name or SQL
-                i = buf.find(0, pos + 5, end)
-                j = buf.find(0, i + 1, end) if i >= 0 else -1
-                if j < 0:
-                    raise ProtocolError("Parse/Bind: unterminated string")
-                if t == _P:
-                    sql = buf[i + 1 : j]
-                    self._statements[buf[pos + 5 : i]] = sql
-                else:
-                    sql = self._statements.get(buf[i + 1 : j])
-                    if sql is None:
-                        continue  # unknown statement: the server reports it
-            assert sql is not None
-            refusal = self._verdict(sql)
+            else:
+                self.unsynced = True  # Parse, Bind, Describe, Execute, Close
             if refusal is not None:
                 if out is None:
                     out = []
                 out.append(buf[prev:pos])
                 out.append(self._substitute_message(buf[pos:end], refusal, t))
                 prev = end
+        if self.tracker is not None:
+            self._track_client(buf, hits)
         if out is None:
             return buf if cut == len(buf) else buf[:cut]
         out.append(buf[prev:cut])
         return b"".join(out)
+
+    def _sql_of(self, t: int, buf: bytes, pos: int, end: int) -> bytes | None:
+        """The SQL a Query, Parse or Bind (its prepared statement's) will run; None for a
+        Bind of a statement pgguard did not see (the server reports it)."""
+        if t == _Q:
+            return buf[pos + 5 : end - 1]
+        # Parse or Bind: a name (portal for Bind), then the statement's name or SQL
+        i = buf.find(0, pos + 5, end)
+        j = buf.find(0, i + 1, end) if i >= 0 else -1
+        if j < 0:
+            raise ProtocolError("Parse/Bind: unterminated string")
+        if t == _P:
+            return buf[i + 1 : j]
+        return self._statements.get(buf[i + 1 : j])
+
+    # ------------------------------------------------------------------ approval holds
+    def _hold(
+        self, buf: bytes, pos: int, out: list[bytes] | None, prev: int, hold: Hold, sql: bytes
+    ) -> bytes:
+        """Stop relaying the client at the message at ``pos``: it and everything after it
+        wait (unread by the server) until :meth:`release`."""
+        self.holding = hold
+        self._held_sql = sql
+        self._held_in = [buf[pos:]]
+        self._held_bytes = len(buf) - pos
+        self._client.reset()  # the held bytes are scanned again from their start
+        assert self.on_hold is not None
+        self.on_hold(hold, sql.decode("utf-8", "surrogateescape"))
+        return b"".join((*(out or ()), buf[prev:pos]))
+
+    def release(self, verdict: Refusal | None) -> bytes:
+        """End a hold: the held statement runs (``verdict`` None) or is refused with
+        ``verdict``; returns the client bytes to send to the server now."""
+        if self.holding is None:
+            return b""
+        data = b"".join(self._held_in)
+        sql = self._held_sql
+        self.holding = None
+        self._held_in = []
+        self._held_bytes = 0
+        # The decision covers the held statement's Parse and Binds in what was held; a
+        # later execution asks again.
+        self._overrides[sql] = verdict
+        try:
+            return self.from_client(data)
+        finally:
+            self._overrides.pop(sql, None)
 
     def _verdict(self, sql: bytes) -> Refusal | None:
         """The hook's verdict on ``sql``, remembered per text until the epoch moves."""
@@ -305,6 +365,10 @@ class RelayCore:
             closed = self.gate()
             if closed is not None:
                 return closed
+        if self._overrides:
+            decided = self._overrides.get(sql, _UNSEEN)
+            if decided is not _UNSEEN:  # the decision on a held statement, for what was held
+                return cast(Refusal | None, decided)
         cache = self._verdicts
         if self.epoch is not None and self.epoch[0] != self._epoch_seen:
             cache.clear()  # the policy or a catalog changed since these verdicts
@@ -362,7 +426,6 @@ class RelayCore:
 
     def from_server(self, data: bytes) -> bytes:
         """Server bytes → bytes for the client."""
-
         buf, hits, cut = self._server.scan(data)
         if hits:
             return self._server_messages(buf, hits, cut)

@@ -19,9 +19,10 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
+from pgguard.approvals.model import ApprovalRequest
 from pgguard.audit.events import SessionContext, statement_record
 from pgguard.audit.records import AuditRecord
 from pgguard.audit.store import open_stores
@@ -36,7 +37,7 @@ from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_
 from pgguard.policy.engine import limits_for
 from pgguard.policy.facts import StatementFacts
 from pgguard.policy.guard import GuardState, SessionGuard, policy_in_force
-from pgguard.policy.identity_guard import Refusal
+from pgguard.policy.identity_guard import Hold, Refusal
 from pgguard.policy.loader import check_policy_files
 from pgguard.policy.model import Policy
 from pgguard.protocol import messages as m
@@ -45,6 +46,7 @@ from pgguard.protocol.framing import MessageReader, StartupReader
 from pgguard.protocol.relay import IDLE_TIMEOUT, SHUTTING_DOWN, TOKEN_EXPIRED, Fatal, RelayCore
 from pgguard.protocol.startup import StartupRefused, build_upstream_startup
 from pgguard.protocol.statements import StatementRun, StatementTracker
+from pgguard.proxy.holds import ApprovalBroker, verdict_for
 
 log = logging.getLogger("pgguard.proxy")
 
@@ -72,6 +74,7 @@ class CancelTarget:
     port: int
     process_id: int
     secret_key: int
+    session: Session | None = field(default=None, compare=False)
 
 
 class Side(asyncio.Protocol):
@@ -241,6 +244,9 @@ class Session:
         self._held: list[bytes] | None = None  # client output held until they are
         self._stall_timer: asyncio.TimerHandle | None = None
         self.outcome = "aborted"  # metrics: pgguard_connections_total{result}
+        self._approval: ApprovalRequest | None = None  # the request of a held statement
+        self._held_text = ""
+        self._approved: tuple[str, str] | None = None  # (SQL, request id) approved to run
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -284,6 +290,9 @@ class Session:
     def _teardown(self) -> None:
         if self._expiry_handle is not None:
             self._expiry_handle.cancel()
+        if self._approval is not None and self.gateway.approvals is not None:
+            self._spawn(self.gateway.approvals.withdraw(self._approval.id, "client disconnected"))
+            self._approval = None
         if self.key is not None:
             self.gateway.cancel_map.pop(self.key, None)
         if self.upstream is not None:
@@ -513,6 +522,8 @@ class Session:
             return planner.refusal(sql)
 
         core.hook = judge
+        if self.gateway.approvals is not None:
+            core.on_hold = self._on_hold
 
     def prepare_guard(self) -> None:
         """A policy came into force after this session started: load the catalog and learn
@@ -534,6 +545,115 @@ class Session:
         self.core.internal_query(
             "select current_setting('search_path'), current_user", learned, outside_transaction=True
         )
+
+    # ------------------------------------------------------------------ approval holds
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.gateway._tasks.add(task)
+        task.add_done_callback(self.gateway._tasks.discard)
+
+    def _on_hold(self, hold: Hold, sql: str) -> None:
+        """The relay holds a statement: ask for approval (unless a window covers it)."""
+        broker = self.gateway.approvals
+        assert broker is not None and self.identity is not None
+        prompt_id, _ = self.audit_ctx.prompt(sql)
+        request = broker.new_request(
+            hold=hold,
+            sql=sql,
+            user=self.identity.user,
+            groups=tuple(self.identity.groups),
+            prompt_id=prompt_id,
+            instance_id=self.gateway.instance_id,
+            session_id=self.info.session_id,
+            database=self.info.database or "",
+        )
+        self._approval = request
+        self._held_text = sql
+        self._spawn(self._submit_hold(request))
+
+    async def _submit_hold(self, request: ApprovalRequest) -> None:
+        broker = self.gateway.approvals
+        assert broker is not None
+        try:
+            stored = await broker.submit(request, self._approval_decided)
+        except Exception as exc:
+            log.error("approvals: cannot store request %s: %s", request.id, exc)
+            self._approval = None
+            self._release_hold(
+                Refusal(request.rule, "the approvals store is unavailable; try again", "58030")
+            )
+            return
+        if self._approval is not request:
+            # The client cancelled or left while the request was being stored.
+            await broker.withdraw(request.id, "client gone")
+            return
+        if stored is None:
+            self._audit(
+                self.audit_ctx.base(
+                    "approval_decision", approval_id=request.id, decision="approved",
+                    rule=request.rule, statement=request.statement,
+                    extra={"window": True},
+                )
+            )  # fmt: skip
+            self._approval = None
+            self._release_hold(None)
+            return
+        self._audit(
+            self.audit_ctx.base(
+                "approval_request", approval_id=request.id, rule=request.rule,
+                statement=request.statement, prompt_id=request.prompt_id,
+                fingerprint=request.fingerprint,
+                extra={"approvers": list(request.approvers), "expires_at": request.expires_at},
+            )
+        )  # fmt: skip
+        if not self.client.closed:
+            self.client.write(broker.notice(request))
+
+    def _approval_decided(self, request: ApprovalRequest) -> None:
+        decision = {
+            "approved": "approved",
+            "denied": "approval_denied",
+            "expired": "approval_expired",
+        }.get(request.status)
+        self._audit(
+            self.audit_ctx.base(
+                "approval_decision", approval_id=request.id, decision=decision,
+                rule=request.rule, statement=request.statement,
+                extra={
+                    "status": request.status, "decider": request.decider,
+                    "reason": request.reason, "window_until": request.window_until,
+                },
+            )
+        )  # fmt: skip
+        if request.status == "approved":
+            self._approved = (self._held_text, request.id)
+        self._approval = None
+        self._release_hold(verdict_for(request))
+
+    def cancel_hold(self) -> None:
+        """The client's CancelRequest while its statement waits: withdraw the request."""
+        request = self._approval
+        if request is None or self.gateway.approvals is None:
+            return
+        self._approval = None
+        self._spawn(self.gateway.approvals.withdraw(request.id, "cancelled by the client"))
+        self._release_hold(
+            Refusal(request.rule, f"request {request.id} cancelled by the client", "57014")
+        )
+
+    def _release_hold(self, verdict: Refusal | None) -> None:
+        if not self.core.holding or self.upstream is None or self.upstream.transport is None:
+            return
+        try:
+            data = self.core.release(verdict)
+        except m.ProtocolError as exc:
+            self.client.write(fatal_bytes(exc.sqlstate, f"pgguard: {exc}"))
+            self.finish()
+            return
+        if data:
+            self.upstream.transport.write(data)
+        if self.core.closing:
+            self.finish()
 
     def _new_masking(self, planner: SessionPlanner) -> SessionMasking:
         return SessionMasking(planner, self.gateway.maskers, planner.origin)
@@ -581,7 +701,9 @@ class Session:
             raise SessionEnded() from None
         self.upstream = conn.side
         up = self.settings.upstream
-        target = CancelTarget(up.host, up.port, conn.key.process_id, conn.key.secret_key)
+        target = CancelTarget(
+            up.host, up.port, conn.key.process_id, conn.key.secret_key, session=self
+        )
         self.key = self.gateway.new_cancel_key(target)
         self.client.write(
             m.Authentication(m.Authentication.OK).encode()
@@ -743,6 +865,13 @@ class Session:
                 audit_only=audit_only,
                 masked_columns=run.masked_columns,
             )
+            approved = self._approved
+            if approved is not None and run.statement.strip() in approved[0]:
+                self._approved = None
+                if record.decision == "allow":
+                    record = replace(record, decision="approved", approval_id=approved[1])
+                else:
+                    record = replace(record, approval_id=approved[1])
             self.gateway.tally.statement(record.class_, record.decision, record.duration_ms)
             if not strict:
                 self.audit.submit(record)
@@ -844,6 +973,7 @@ class Gateway:
         self._cancel_server: asyncio.base_events.Server | None = None
         self.stats: dict[str, int] = {"connections": 0, "auth_failures": 0, "upstream_errors": 0}
         self.tally = Tally()  # plain counters, folded into the metrics (pgguard.metrics)
+        self.approvals: ApprovalBroker | None = None  # set when the approvals store opens
         self.lineage = LineageCache(self.guard)
         self.maskers = MaskerCache(settings.masking.secret())
         self.maskers.on_fallback = _log_mask_fallback
@@ -1061,6 +1191,9 @@ class Gateway:
         """Send the upstream CancelRequest for one of our keys. A key this worker does not
         know may belong to a sibling worker (SO_REUSEPORT spreads connections): ask them."""
         target = self.cancel_map.get((process_id, secret_key))
+        if target is not None and target.session is not None and target.session.core.holding:
+            target.session.cancel_hold()  # nothing runs upstream: withdraw the request
+            return
         if target is None:
             if route and self.worker_group is not None:
                 siblings = [w for w in range(self.settings.workers) if w != self.worker_id]
@@ -1127,9 +1260,53 @@ class Gateway:
         if stores:
             self.audit = AuditWriter(stores, mode=audit.mode, instance_id=self.instance_id)
 
+    def _start_approvals(self) -> None:
+        """Held statements need the shared store (the audit database): without one,
+        ``require_approval`` statements are refused instead."""
+        url = self.settings.audit.url
+        if not url:
+            return
+        from pgguard.approvals.store import ApprovalStore
+        from pgguard.approvals.webhook import WebhookNotifier
+
+        try:
+            store = ApprovalStore(url)
+        except Exception as exc:
+            log.error("approvals store unavailable, approval rules will refuse: %s", exc)
+            return
+        admin = self.settings.admin
+
+        def count(n: int) -> None:
+            self.tally.approvals_pending = n
+
+        try:
+            notifier = WebhookNotifier(
+                self.settings.approvals.webhook_url,
+                page_url=f"http://{admin.host}:{admin.port}/approvals",
+            )
+        except ValueError as exc:
+            log.error("approvals.webhook_url: %s; no webhook notifications", exc)
+            notifier = WebhookNotifier(None)
+        self.approvals = ApprovalBroker(
+            store,
+            notifier,
+            self.settings.approvals.timeout,
+            f"http://{admin.host}:{admin.port}",
+            on_count=count,
+        )
+
+    def approval_routes(self) -> dict[str, Any]:
+        """The admin listener's approvals API and page (empty without a store)."""
+        if self.approvals is None:
+            return {}
+        from pgguard.approvals.api import approval_routes
+
+        return approval_routes(self.approvals.store, self.validator, self.approvals.notifier)
+
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._start_audit()
+        self._start_approvals()
         listen = self.settings.listen
         if sock is not None:
             self.server = await loop.create_server(self._accept, sock=sock, backlog=1024)
@@ -1184,6 +1361,9 @@ class Gateway:
             if not self.sessions:
                 break
             await asyncio.sleep(0.05)
+        if self.approvals is not None:
+            await self.approvals.close()
+            await asyncio.to_thread(self.approvals.notifier.close, 5.0)
         if self.audit is not None:
             audit = self.audit
             flushed = await asyncio.to_thread(audit.close, deadline)

@@ -35,6 +35,7 @@ from pgguard.audit.query import (
 )
 from pgguard.audit.records import JSON_KEYS, AuditRecord
 from pgguard.audit.store import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     ChainConflictError,
     JsonlSink,
@@ -131,8 +132,8 @@ def verify_ok(store: SqlStore) -> bool:
 
 def test_schema_is_created_versioned_and_reopened(url: str) -> None:
     with SqlStore(url) as s:
-        assert s.schema_version == SCHEMA_VERSION == 1
-        assert sql(s, "SELECT version FROM pgguard_schema") == [(1,)]
+        assert s.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+        assert sql(s, "SELECT version FROM pgguard_schema") == [(SCHEMA_VERSION,)]
         s.append(sealed_chain(3))
     with SqlStore(url, migrate=False) as s:  # a read-only tool opens it as is
         assert s.count() == 3
@@ -167,7 +168,7 @@ def test_concurrent_openers_create_the_schema_once(url: str) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert sql(stores[0], "SELECT version FROM pgguard_schema") == [(1,)]
+    assert sql(stores[0], "SELECT version FROM pgguard_schema") == [(SCHEMA_VERSION,)]
     for s in stores:
         s.close()
 

@@ -1,0 +1,86 @@
+"""Approval holds in the relay, without sockets: a held statement and everything the client
+sends after it wait; the decision lets it run or refuses it in its place."""
+
+from __future__ import annotations
+
+from pgguard.policy.identity_guard import Hold, Refusal
+from pgguard.protocol import messages as m
+from pgguard.protocol.relay import RelayCore
+
+HOLD = Hold("orders-need-approval", "writes to orders need approval", approvers=("dba",))
+WRITE = "update orders set status = 'void' where id = 7"
+
+
+def hook(sql: str) -> Refusal | None:
+    return HOLD if sql.startswith("update orders") else None
+
+
+def make() -> tuple[RelayCore, list[tuple[Hold, str]]]:
+    core = RelayCore(1 << 20, hook)
+    held: list[tuple[Hold, str]] = []
+    core.on_hold = lambda hold, sql: held.append((hold, sql))
+    return core, held
+
+
+def test_simple_query_is_held_then_approved() -> None:
+    core, held = make()
+    first = m.Query("select 1").encode()
+    sent = core.from_client(first + m.Query(WRITE).encode())
+    assert sent == first  # the statement before the held one goes on
+    assert held == [(HOLD, WRITE)]
+    assert core.holding is HOLD and not core.idle()
+    # Whatever the client sends meanwhile waits behind the held statement.
+    assert core.from_client(m.Query("select 2").encode()) == b""
+    out = core.release(None)
+    assert out == m.Query(WRITE).encode() + m.Query("select 2").encode()
+    assert core.holding is None and core.pending == 3
+    # The approval was for that one execution: the same text is held again next time.
+    core.from_server(m.ReadyForQuery(b"I").encode() * 3)
+    assert core.from_client(m.Query(WRITE).encode()) == b""
+    assert len(held) == 2
+
+
+def test_denied_statement_fails_in_place_and_the_rest_runs() -> None:
+    core, _ = make()
+    core.from_client(m.Query(WRITE).encode())
+    denial = Refusal("orders-need-approval", "denied by dana: not today")
+    out = core.release(denial)
+    sent = m.Query.decode_body(out[5:]).sql
+    assert sent != WRITE and "pgguard_refused_" in sent  # the server fails it in order
+    err = m.ErrorResponse(
+        m.error_fields("ERROR", "42601", f'syntax error at or near "{sent}"')
+    ).encode()
+    back = core.from_server(err + m.ReadyForQuery(b"I").encode())
+    reply = m.ErrorResponse.decode_body(back[5 : 1 + int.from_bytes(back[1:5], "big")])
+    assert reply.sqlstate == "42501"
+    assert reply.message == "pgguard: orders-need-approval: denied by dana: not today"
+
+
+def test_extended_protocol_hold_keeps_the_pipeline_in_order() -> None:
+    core, held = make()
+    pipeline = (
+        m.Parse("", WRITE, ()).encode()
+        + m.Bind("", "", (), (), ()).encode()
+        + m.Execute("", 0).encode()
+    )
+    tail = m.Sync().encode()
+    # The Sync arrives in pieces while the statement is held.
+    assert core.from_client(pipeline + tail[:2]) == b""
+    assert core.from_client(tail[2:]) == b""
+    assert held and core.pending == 0
+    out = core.release(None)
+    assert out == pipeline + tail
+    assert core.pending == 1
+
+
+def test_prepared_statement_is_held_again_at_each_bind() -> None:
+    core = RelayCore(1 << 20, hook)  # no on_hold yet: Parse is refused as before
+    parse = m.Parse("s1", WRITE, ()).encode() + m.Sync().encode()
+    sent = core.from_client(parse)
+    assert WRITE.encode() not in sent
+
+
+def test_relay_without_hold_support_refuses() -> None:
+    core = RelayCore(1 << 20, hook)
+    sent = core.from_client(m.Query(WRITE).encode())
+    assert WRITE.encode() not in sent and b"pgguard_refused_" in sent
