@@ -273,9 +273,14 @@ class RelayCore:
                 if sql is not None:
                     refusal = self._verdict(sql)
                     if type(refusal) is Hold and self.on_hold is not None:
-                        if self.tracker is not None:
-                            self._track_client(buf, hits[:k])
-                        return self._hold(buf, pos, out, prev, refusal, sql)
+                        if t == _P:
+                            # Parsing runs nothing: the hold comes at the Bind that would
+                            # execute it, so that one approval covers one execution.
+                            refusal = None
+                        else:
+                            if self.tracker is not None:
+                                self._track_client(buf, hits[:k])
+                            return self._hold(buf, pos, out, prev, refusal, sql)
                     if t == _P:
                         self._statements[buf[pos + 5 : buf.index(0, pos + 5)]] = sql
             if masking is not None:

@@ -314,3 +314,107 @@ def test_approve_by_clicking_in_the_page(
     assert status_of(pg, 9) == "void"
     with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
         admin.execute("update appr.orders set status = 'open' where id = 9")
+
+
+def test_asyncpg_and_psql_are_held_too_and_everything_is_audited(
+    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer
+) -> None:
+    """asyncpg (named prepared statements, binary) and psql (simple protocol); the webhook
+    hears about the request and the audit trail links the statement to its approval."""
+    import asyncio
+    import http.server
+    import subprocess
+
+    import asyncpg
+
+    from pgguard.audit.store import SqlStore
+
+    hooks: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            hooks.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gw = approving_gateway(
+            make_gateway,
+            tmp_path,
+            approvals={"webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hook"},
+        )
+        store = store_of(gw)
+
+        async def via_asyncpg() -> str:
+            conn = await asyncpg.connect(
+                host="127.0.0.1", port=gw.port, user="devi", database=pg.dbname,
+                password=gw.token("devi", groups=["developers"]),
+            )  # fmt: skip
+            try:
+                stmt = await conn.prepare("update appr.orders set status = $1 where id = $2")
+                return str(await stmt.fetch("void", 10) or "done")
+            finally:
+                await conn.close()
+
+        job = Background(lambda: asyncio.run(via_asyncpg()))
+        request = wait_pending(store)
+        store.decide(request.id, True, "dana", ("dba",), "ok", None, time.time())
+        job.join()
+        assert job.error is None, job.error
+        assert status_of(pg, 10) == "void"
+
+        env = {"PGPASSWORD": gw.token("devi", groups=["developers"]), "PATH": "/usr/bin:/bin"}
+        psql = [
+            str(pg.bindir / "psql") if pg.bindir else "psql",
+            "-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(gw.port),
+            "-U", "devi", "-d", pg.dbname, "-c",
+            "update appr.orders set status = 'open' where id = 10",
+        ]  # fmt: skip
+        job = Background(
+            lambda: subprocess.run(psql, capture_output=True, text=True, env=env, timeout=30)
+        )
+        second = wait_pending(store)
+        assert second.id != request.id
+        store.decide(second.id, False, "dana", ("dba",), "leave it void", None, time.time())
+        job.join()
+        proc = job.result
+        assert proc.returncode != 0
+        assert "leave it void" in proc.stderr and second.id in proc.stderr
+        assert status_of(pg, 10) == "void"
+    finally:
+        server.shutdown()
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        admin.execute("update appr.orders set status = 'open' where id = 10")
+
+    deadline = time.monotonic() + 10
+    while len([h for h in hooks if h.get("event") == "requested"]) < 2:
+        assert time.monotonic() < deadline, hooks
+        time.sleep(0.1)
+    assert {h["request"]["id"] for h in hooks if h["event"] == "requested"} == {
+        request.id,
+        second.id,
+    }
+
+    audit = SqlStore(gw.config["audit"]["url"], migrate=False)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            records = audit.search(limit=10_000, order="asc", user="devi")
+            events = [(r.event, r.approval_id, r.decision) for r in records]
+            if (("approval_decision", second.id, "approval_denied") in events) or (
+                time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.1)
+    finally:
+        audit.close()
+    assert ("approval_request", request.id, None) in events
+    assert ("approval_decision", request.id, "approved") in events
+    assert ("statement", request.id, "approved") in events, events
+    assert ("approval_decision", second.id, "approval_denied") in events

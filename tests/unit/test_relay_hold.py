@@ -64,13 +64,20 @@ def test_extended_protocol_hold_keeps_the_pipeline_in_order() -> None:
         + m.Execute("", 0).encode()
     )
     tail = m.Sync().encode()
-    # The Sync arrives in pieces while the statement is held.
-    assert core.from_client(pipeline + tail[:2]) == b""
+    parse = m.Parse("", WRITE, ()).encode()
+    # Parsing runs nothing: the Bind that would execute the statement is held, and the Sync
+    # arrives in pieces meanwhile.
+    assert core.from_client(pipeline + tail[:2]) == parse
     assert core.from_client(tail[2:]) == b""
     assert held and core.pending == 0
     out = core.release(None)
-    assert out == pipeline + tail
+    assert out == pipeline[len(parse) :] + tail
     assert core.pending == 1
+    # The next execution of the prepared statement asks again.
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    again = m.Bind("", "", (), (), ()).encode() + m.Execute("", 0).encode()
+    assert core.from_client(again + m.Sync().encode()) == b""
+    assert len(held) == 2
 
 
 def test_prepared_statement_is_held_again_at_each_bind() -> None:
