@@ -23,8 +23,9 @@ from tests.support.pgcluster import PgServer
 SCHEMA = """
 DROP SCHEMA IF EXISTS appr CASCADE;
 CREATE SCHEMA appr;
-CREATE TABLE appr.orders (id int PRIMARY KEY, status text);
-INSERT INTO appr.orders SELECT g, 'open' FROM generate_series(1, 10) g;
+CREATE TABLE appr.orders (id int PRIMARY KEY, status text, card text);
+INSERT INTO appr.orders
+  SELECT g, 'open', '4111-0000-0000-' || (1000 + g) FROM generate_series(1, 10) g;
 GRANT ALL ON SCHEMA appr TO PUBLIC;
 GRANT ALL ON ALL TABLES IN SCHEMA appr TO PUBLIC;
 """
@@ -38,6 +39,10 @@ rules:
     action: require_approval
     approvers: [dba]
     message: writes to appr.orders need a DBA's approval
+masks:
+  - column: appr.orders.card
+    function: keep_last(4)
+    exempt: {groups: [dba]}
 defaults: {action: allow}
 """
 
@@ -104,6 +109,17 @@ class Background:
         return not self.thread.is_alive()
 
 
+def final_status(store: ApprovalStore, request_id: str, timeout: float = 10.0) -> str:
+    """The request's status once it leaves pending (withdrawals land a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = store.get(request_id)
+        assert got is not None
+        if got.status != "pending" or time.monotonic() > deadline:
+            return got.status
+        time.sleep(0.05)
+
+
 def store_of(gw: Gateway) -> ApprovalStore:
     return ApprovalStore(gw.config["audit"]["url"])
 
@@ -119,13 +135,15 @@ def test_approve_runs_the_held_statement(
         conn.add_notice_handler(lambda d: notices.append(f"{d.message_primary} {d.message_hint}"))
         if protocol == "simple":
             job = Background(
-                lambda: conn.execute(b"update appr.orders set status = 'void' where id = 1")
+                lambda: conn.execute(
+                    b"update appr.orders set status = 'void' where id = 1 returning card"
+                ).fetchall()
             )
         else:
             job = Background(
                 lambda: conn.execute(
-                    "update appr.orders set status = %s where id = %s", ("void", 1)
-                )
+                    "update appr.orders set status = %s where id = %s returning card", ("void", 1)
+                ).fetchall()
             )
         request = wait_pending(store)
         assert request.requester == "devi" and request.rule == "orders-need-approval"
@@ -136,6 +154,7 @@ def test_approve_runs_the_held_statement(
         store.decide(request.id, True, "dana", ("dba",), "looks fine", None, time.time())
         job.join()
         assert job.error is None, job.error
+        assert job.result == [("****-****-****-1001",)]  # approved, and still masked
         assert status_of(pg, 1) == "void"
         assert any(request.id in n for n in notices), notices
         # The session goes on normally.
@@ -144,16 +163,22 @@ def test_approve_runs_the_held_statement(
         admin.execute("update appr.orders set status = 'open' where id = 1")
 
 
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_deny_fails_the_statement_with_the_reason(
-    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer
+    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer, protocol: str
 ) -> None:
     gw = approving_gateway(make_gateway, tmp_path)
     store = store_of(gw)
     with psycopg.connect(gw.dsn("devi", groups=["developers"])) as conn:  # in a transaction
         conn.execute("select 1")
-        job = Background(
-            lambda: conn.execute("update appr.orders set status = 'void' where id = 2")
-        )
+        if protocol == "simple":
+            job = Background(
+                lambda: conn.execute(b"update appr.orders set status = 'void' where id = 2")
+            )
+        else:
+            job = Background(
+                lambda: conn.execute("update appr.orders set status = %s where id = 2", ("v",))
+            )
         request = wait_pending(store)
         store.decide(request.id, False, "dana", ("dba",), "not on a Friday", None, time.time())
         job.join()
@@ -164,64 +189,68 @@ def test_deny_fails_the_statement_with_the_reason(
     assert status_of(pg, 2) == "open"
 
 
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_expired_request_fails_the_statement(
-    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer
+    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer, protocol: str
 ) -> None:
     gw = approving_gateway(make_gateway, tmp_path, approvals={"timeout": "1s"})
     with psycopg.connect(gw.dsn("devi", groups=["developers"]), autocommit=True) as conn:
         with pytest.raises(errors.InsufficientPrivilege, match="expired"):
-            conn.execute("update appr.orders set status = 'void' where id = 3")
+            if protocol == "simple":
+                conn.execute(b"update appr.orders set status = 'void' where id = 3")
+            else:
+                conn.execute("update appr.orders set status = %s where id = 3", ("v",))
         assert conn.execute("select 3").fetchone() == (3,)
     assert status_of(pg, 3) == "open"
     [request] = store_of(gw).list(status="expired")
     assert request.status == "expired"
 
 
+def _update(conn: psycopg.Connection[Any], order: int, protocol: str) -> Any:
+    if protocol == "simple":
+        sql = f"update appr.orders set status = 'void' where id = {order}"
+        return conn.execute(sql.encode())
+    return conn.execute("update appr.orders set status = %s where id = %s", ("void", order))
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_cancel_and_disconnect_withdraw_the_request(
-    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer
+    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer, protocol: str
 ) -> None:
     gw = approving_gateway(make_gateway, tmp_path)
     store = store_of(gw)
     with psycopg.connect(gw.dsn("devi", groups=["developers"]), autocommit=True) as conn:
-        job = Background(
-            lambda: conn.execute("update appr.orders set status = 'void' where id = 4")
-        )
+        job = Background(lambda: _update(conn, 4, protocol))
         request = wait_pending(store)
         conn.cancel()
         job.join()
         assert isinstance(job.error, errors.QueryCanceled), job.error
         assert conn.execute("select 4").fetchone() == (4,)
-    got = store.get(request.id)
-    assert got is not None and got.status == "withdrawn"
+    assert final_status(store, request.id) == "withdrawn"
 
     conn = psycopg.connect(gw.dsn("devi", groups=["developers"]), autocommit=True)
-    job = Background(lambda: conn.execute("update appr.orders set status = 'void' where id = 5"))
+    job = Background(lambda: _update(conn, 5, protocol))
     request = wait_pending(store)
     conn.pgconn.finish()  # the client goes away while its statement waits
     job.join()
-    deadline = time.monotonic() + 10
-    while (got := store.get(request.id)) is not None and got.status == "pending":
-        assert time.monotonic() < deadline, "the request was not withdrawn"
-        time.sleep(0.05)
-    assert got is not None and got.status == "withdrawn"
+    assert final_status(store, request.id) == "withdrawn"
     assert status_of(pg, 4) == "open" and status_of(pg, 5) == "open"
 
 
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_window_lets_the_same_rule_run_without_asking(
-    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer
+    make_gateway: MakeGateway, tmp_path: Path, pg: PgServer, protocol: str
 ) -> None:
     gw = approving_gateway(make_gateway, tmp_path)
     store = store_of(gw)
     with psycopg.connect(gw.dsn("devi", groups=["developers"]), autocommit=True) as conn:
-        job = Background(
-            lambda: conn.execute("update appr.orders set status = 'void' where id = 6")
-        )
+        job = Background(lambda: _update(conn, 6, protocol))
         request = wait_pending(store)
         store.decide(request.id, True, "dana", ("dba",), "for the migration", 60.0, time.time())
         job.join()
         assert job.error is None
         # Within the window: runs at once, no new request.
-        conn.execute("update appr.orders set status = 'void' where id = 7")
+        _update(conn, 7, protocol)
         assert store.list(status="pending") == []
     assert status_of(pg, 6) == "void" and status_of(pg, 7) == "void"
     with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
