@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import tempfile
@@ -78,6 +77,18 @@ def run_demo(port: int = 6432, keep_running: bool = True) -> int:
         if port == 0 or not _port_free(port):
             port = free_port()
         admin_port = 9187 if _port_free(9187) else free_port()
+        # Secrets in files of the demo's directory (0600), so that the printed CLI commands
+        # (pgguard approvals …, audit …) work from any shell with --config.
+        secrets_dir = workdir / "secrets"
+        secrets_dir.mkdir(mode=0o700)
+        for name, value in (
+            ("upstream-password", upstream_password),
+            ("jwt-secret", jwt_secret),
+            ("masking-secret", secrets.token_urlsafe(32)),
+        ):
+            path = secrets_dir / name
+            path.write_text(value)
+            path.chmod(0o600)
         policies = Path(__file__).resolve().parent.parent / "policies" / "demo.yaml"
         config = {
             "listen": {"host": "127.0.0.1", "port": port},
@@ -86,18 +97,22 @@ def run_demo(port: int = 6432, keep_running: bool = True) -> int:
                 "host": pg.host,
                 "port": pg.port,
                 "user": "pgguard",
-                "password_env": "PGGUARD_DEMO_UPSTREAM_PASSWORD",
+                "password_env": None,
+                "password_file": str(secrets_dir / "upstream-password"),
                 "sslmode": "disable",
             },
-            "identity": {"secret_env": "PGGUARD_DEMO_JWT_SECRET", "max_ttl": "8h"},
+            "identity": {
+                "secret_env": None,
+                "secret_file": str(secrets_dir / "jwt-secret"),
+                "max_ttl": "8h",
+            },
+            "masking": {"secret_env": None, "secret_file": str(secrets_dir / "masking-secret")},
             "policies": [str(policies)] if policies.exists() else [],
             "audit": {"url": f"sqlite:///{workdir / 'audit.db'}"},
             "limits": {"drain_timeout": "5s"},
         }
         config_path = workdir / "pgguard.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        os.environ["PGGUARD_DEMO_UPSTREAM_PASSWORD"] = upstream_password
-        os.environ["PGGUARD_DEMO_JWT_SECRET"] = jwt_secret
         settings = load_settings(config_path, require_file=True)
 
         agent_token = mint_token(
@@ -110,6 +125,10 @@ def run_demo(port: int = 6432, keep_running: bool = True) -> int:
         dba_token = mint_token(
             jwt_secret, "dana", groups=["dba"], ttl=8 * 3600, claims={"email": "dana@example.com"}
         )
+        dev_token = mint_token(
+            jwt_secret, "devon", groups=["developers"], ttl=8 * 3600,
+            claims={"email": "devon@example.com"},
+        )  # fmt: skip
 
         def ready(_gateway: object) -> None:
             dsn = f"postgresql://{{user}}@127.0.0.1:{port}/demo?sslmode=disable"
@@ -134,11 +153,29 @@ def run_demo(port: int = 6432, keep_running: bool = True) -> int:
             click.echo(f"  PGPASSWORD='{agent_token}' psql '{dsn.format(user='cursor-agent')}'")
             click.echo("Connect as the DBA (groups: dba):")
             click.echo(f"  PGPASSWORD='{dba_token}' psql '{dsn.format(user='dana')}'")
+            click.echo("Connect as a developer (groups: developers):")
+            click.echo(f"  PGPASSWORD='{dev_token}' psql '{dsn.format(user='devon')}'")
             click.echo("")
             click.echo("Cursor mcp.json:")
             click.echo(json.dumps(mcp, indent=2))
             click.echo("")
-            click.echo("Try:  SELECT name, email, ssn FROM customers;")
+            admin = f"http://127.0.0.1:{admin_port}"
+            click.echo(f"Metrics:          {admin}/metrics")
+            click.echo(f"Approvals page:   {admin}/approvals  (paste the DBA token to sign in)")
+            click.echo("")
+            click.echo("Three things to try:")
+            click.echo("  1. As the agent, a masked select:")
+            click.echo("       SELECT name, email, ssn, salary FROM customers;")
+            click.echo("     (as the DBA, the same select shows clear values)")
+            click.echo("  2. As the agent, a refused write:  DELETE FROM customers WHERE id = 1;")
+            click.echo("  3. As the developer, a held statement:")
+            click.echo("       UPDATE orders SET status = 'void' WHERE id = 1;")
+            click.echo("     it waits for a DBA: approve it on the approvals page, or with")
+            click.echo(
+                f"       PGGUARD_TOKEN='{dba_token}' "
+                f"pgguard approvals approve <id> --config {config_path}"
+            )
+            click.echo("Audit trail:  pgguard audit tail --config " + str(config_path))
             click.echo("Press Ctrl-C to stop; everything is removed on exit.")
 
         if keep_running:
