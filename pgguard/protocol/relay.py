@@ -191,7 +191,8 @@ class RelayCore:
         # a Flush) without a ReadyForQuery, so pgguard's own queries must wait for the Sync.
         self.unsynced = False
         # Approval holds: the statement waiting for a decision and the client bytes from it.
-        self.on_hold: Callable[[Hold, str], None] | None = None  # set: holds are supported
+        # (hold, SQL, the held Query or Bind message); set when holds are supported
+        self.on_hold: Callable[[Hold, str, bytes], None] | None = None
         self.holding: Hold | None = None
         self._held_sql = b""
         self._held_in: list[bytes] = []
@@ -280,7 +281,7 @@ class RelayCore:
                         else:
                             if self.tracker is not None:
                                 self._track_client(buf, hits[:k])
-                            return self._hold(buf, pos, out, prev, refusal, sql)
+                            return self._hold(buf, pos, end, out, prev, refusal, sql)
                     if t == _P:
                         self._statements[buf[pos + 5 : buf.index(0, pos + 5)]] = sql
             if masking is not None:
@@ -333,7 +334,14 @@ class RelayCore:
 
     # ------------------------------------------------------------------ approval holds
     def _hold(
-        self, buf: bytes, pos: int, out: list[bytes] | None, prev: int, hold: Hold, sql: bytes
+        self,
+        buf: bytes,
+        pos: int,
+        end: int,
+        out: list[bytes] | None,
+        prev: int,
+        hold: Hold,
+        sql: bytes,
     ) -> bytes:
         """Stop relaying the client at the message at ``pos``: it and everything after it
         wait (unread by the server) until :meth:`release`."""
@@ -343,7 +351,7 @@ class RelayCore:
         self._held_bytes = len(buf) - pos
         self._client.reset()  # the held bytes are scanned again from their start
         assert self.on_hold is not None
-        self.on_hold(hold, sql.decode("utf-8", "surrogateescape"))
+        self.on_hold(hold, sql.decode("utf-8", "surrogateescape"), buf[pos:end])
         return b"".join((*(out or ()), buf[prev:pos]))
 
     def release(self, verdict: Refusal | None) -> bytes:

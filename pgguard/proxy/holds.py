@@ -72,6 +72,7 @@ class ApprovalBroker:
         instance_id: str,
         session_id: str,
         database: str,
+        params: tuple[str | None, ...] = (),
     ) -> ApprovalRequest:
         return ApprovalRequest.new(
             requester=user,
@@ -83,6 +84,7 @@ class ApprovalBroker:
             timeout=self.timeout,
             prompt_id=prompt_id,
             fingerprint=fingerprint(sql),
+            params=params,
             instance_id=instance_id,
             session_id=session_id,
             database=database,

@@ -26,6 +26,7 @@ from pgguard.approvals.model import ApprovalRequest
 from pgguard.audit.events import SessionContext, statement_record
 from pgguard.audit.records import AuditRecord
 from pgguard.audit.store import open_stores
+from pgguard.audit.text import encode_params
 from pgguard.audit.writer import AuditWriter
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
@@ -552,11 +553,15 @@ class Session:
         self.gateway._tasks.add(task)
         task.add_done_callback(self.gateway._tasks.discard)
 
-    def _on_hold(self, hold: Hold, sql: str) -> None:
+    def _on_hold(self, hold: Hold, sql: str, message: bytes) -> None:
         """The relay holds a statement: ask for approval (unless a window covers it)."""
         broker = self.gateway.approvals
         assert broker is not None and self.identity is not None
         prompt_id, _ = self.audit_ctx.prompt(sql)
+        params: tuple[str | None, ...] = ()
+        if message[:1] == b"B":
+            bind = m.Bind.decode_body(message[5:])
+            params = encode_params(bind.params, bind.param_formats)
         request = broker.new_request(
             hold=hold,
             sql=sql,
@@ -566,6 +571,7 @@ class Session:
             instance_id=self.gateway.instance_id,
             session_id=self.info.session_id,
             database=self.info.database or "",
+            params=params,
         )
         self._approval = request
         self._held_text = sql

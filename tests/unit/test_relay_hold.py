@@ -18,7 +18,7 @@ def hook(sql: str) -> Refusal | None:
 def make() -> tuple[RelayCore, list[tuple[Hold, str]]]:
     core = RelayCore(1 << 20, hook)
     held: list[tuple[Hold, str]] = []
-    core.on_hold = lambda hold, sql: held.append((hold, sql))
+    core.on_hold = lambda hold, sql, message: held.append((hold, sql))
     return core, held
 
 
