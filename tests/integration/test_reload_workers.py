@@ -23,8 +23,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import errors
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import errors
 
 from tests.support.gateway import Gateway, MakeGateway
 
