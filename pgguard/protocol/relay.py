@@ -55,7 +55,7 @@ _E = 69
 # A statement hook sees the SQL of every Query and Parse and may refuse it.
 StatementHook = Callable[[str], Refusal | None]
 
-_T, _D, _C, _I, _SUSPENDED = 84, 68, 67, 73, 115
+_T, _D, _C, _I, _SUSPENDED, _N = 84, 68, 67, 73, 115, 78
 _EXECUTE, _CLOSE = 69, 67  # client-side type bytes that share letters with server ones
 # Extra types the statement tracker needs: client Execute and Close; server replies.
 _TRACK_CLIENT = b"EC"
@@ -477,29 +477,33 @@ class RelayCore:
                 )
                 if replacement is not None:
                     msg = replacement
+            limited: bytes | None = None
+            if self.max_rows is not None and t in _ROW_LIMIT_TYPES and msg != b"":
+                limited = self._limit_rows(t, buf[pos:end] if msg is None else msg)
+                if limited is not None:
+                    msg = limited
             if self.tracker is not None:
-                if msg is None or (not msg and t in _DESCRIPTIONS):
+                # The audit sees what the client gets: masked rows, a row-limit error.
+                if msg is None:
                     self._track_server(t, buf, pos)
                 elif msg:
-                    self._track_server(t, msg, 0)
+                    self._track_replacement(t, msg)
+                elif t in _DESCRIPTIONS:
+                    self._track_server(t, buf, pos)  # a RowDescription kept from the client
             if msg is not None and not msg:  # dropped
                 if out is None:
                     out = []
                 out.append(buf[prev:pos])
                 prev = end
                 continue
-            if self.max_rows is not None and t in _ROW_LIMIT_TYPES:
-                limited = self._limit_rows(t, buf[pos:end] if msg is None else msg)
-                if limited is not None:
-                    msg = limited
-                elif t in (_D, _C):
-                    if msg is not None:
-                        if out is None:
-                            out = []
-                        out.append(buf[prev:pos])
-                        out.append(msg)
-                        prev = end
-                    continue
+            if self.max_rows is not None and limited is None and t in (_D, _C):
+                if msg is not None:
+                    if out is None:
+                        out = []
+                    out.append(buf[prev:pos])
+                    out.append(msg)
+                    prev = end
+                continue
             if t == _Z:
                 self.status = _STATUS[buf[pos + 5]]
                 if self.pending:
@@ -591,6 +595,15 @@ class RelayCore:
             elif t == _CLOSE:
                 close = Close.decode_body(body)
                 tracker.close(close.kind, close.name)
+
+    def _track_replacement(self, t: int, msg: bytes) -> None:
+        """Track what replaced a server message: itself, a row-limit error instead of its
+        CommandComplete, or a NOTICE followed by the CommandComplete."""
+        first = msg[0]
+        if first == t or first == _E:
+            self._track_server(first, msg, 0)
+        elif first == _N and t == _C:
+            self._track_server(_C, msg, 1 + _LEN.unpack_from(msg, 1)[0])
 
     def _track_server(self, t: int, buf: bytes, pos: int) -> None:
         tracker = self.tracker

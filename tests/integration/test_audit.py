@@ -326,3 +326,23 @@ def test_a_query_sent_with_the_password_is_audited(
         sock.sendall(m.Terminate().encode())
     texts = [r.statement for r in statements(gw, "ivy")]
     assert texts == ["select 'first one'"]
+
+
+def test_row_limit_errors_are_audited_as_the_client_saw_them(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    policy = tmp_path / "limits.yaml"
+    policy.write_text(
+        "version: 1\nlimits:\n  - when: {groups: [capped]}\n    max_rows: 3\n"
+        "  - when: {groups: [trimmed]}\n    max_rows: 3\n    on_max_rows: truncate\n"
+    )
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    with psycopg.connect(gw.dsn("cap", groups=["capped"]), autocommit=True) as conn:
+        with pytest.raises(errors.ProgramLimitExceeded):
+            conn.execute("select g from generate_series(1, 10) g").fetchall()
+    with psycopg.connect(gw.dsn("trim", groups=["trimmed"]), autocommit=True) as conn:
+        assert len(conn.execute("select g from generate_series(1, 10) g").fetchall()) == 3
+    [capped] = eventually(lambda: statements(gw, "cap"))
+    assert capped.sqlstate == "54000" and capped.rows is None
+    [trimmed] = eventually(lambda: statements(gw, "trim"))
+    assert trimmed.sqlstate is None and trimmed.rows == 3
