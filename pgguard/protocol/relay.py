@@ -600,7 +600,7 @@ class RelayCore:
         """Track what replaced a server message: itself, a row-limit error instead of its
         CommandComplete, or a NOTICE followed by the CommandComplete."""
         first = msg[0]
-        if first == t or first == _E:
+        if first in (t, _E):
             self._track_server(first, msg, 0)
         elif first == _N and t == _C:
             self._track_server(_C, msg, 1 + _LEN.unpack_from(msg, 1)[0])
