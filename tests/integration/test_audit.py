@@ -337,9 +337,11 @@ def test_row_limit_errors_are_audited_as_the_client_saw_them(
         "  - when: {groups: [trimmed]}\n    max_rows: 3\n    on_max_rows: truncate\n"
     )
     gw = audited(make_gateway, tmp_path, policies=[str(policy)])
-    with psycopg.connect(gw.dsn("cap", groups=["capped"]), autocommit=True) as conn:
-        with pytest.raises(errors.ProgramLimitExceeded):
-            conn.execute("select g from generate_series(1, 10) g").fetchall()
+    with (
+        psycopg.connect(gw.dsn("cap", groups=["capped"]), autocommit=True) as conn,
+        pytest.raises(errors.ProgramLimitExceeded),
+    ):
+        conn.execute("select g from generate_series(1, 10) g").fetchall()
     with psycopg.connect(gw.dsn("trim", groups=["trimmed"]), autocommit=True) as conn:
         assert len(conn.execute("select g from generate_series(1, 10) g").fetchall()) == 3
     [capped] = eventually(lambda: statements(gw, "cap"))
