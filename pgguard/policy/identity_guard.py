@@ -85,6 +85,13 @@ class Hold(Refusal):
     approvers: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class PromptSync(Hold):
+    """Not a refusal: the statement waits while pgguard sets ``pgguard.prompt_id`` on the
+    upstream session to the prompt id in its comment (``message``), so that database-side
+    triggers see it."""
+
+
 def unsafe_setting(name: str, value: str | None) -> str | None:
     """Why setting ``name`` to ``value`` would let the server read SQL differently, or None.
     ``value`` None means "not a constant" (refused for these names)."""

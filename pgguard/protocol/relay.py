@@ -273,7 +273,7 @@ class RelayCore:
                 sql = self._sql_of(t, buf, pos, end)
                 if sql is not None:
                     refusal = self._verdict(sql)
-                    if type(refusal) is Hold and self.on_hold is not None:
+                    if isinstance(refusal, Hold) and self.on_hold is not None:
                         if t == _P:
                             # Parsing runs nothing: the hold comes at the Bind that would
                             # execute it, so that one approval covers one execution.
@@ -726,6 +726,24 @@ class RelayCore:
         comes back whole before any later client request's reply.
         """
         self._internal_queue.append((sql, on_result, outside_transaction))
+
+    def internal_now(self) -> bool:
+        """Start a queued query of pgguard's own at once if the session is idle; the caller
+        then writes :attr:`server_out` to the server. False when it has to wait."""
+        if self._internal_active is None and self._internal_ready():
+            self._start_internal()
+            return True
+        return False
+
+    def internal_clear(self) -> bool:
+        """Nothing of pgguard's own is queued or running, and no transaction has failed:
+        a query queued now runs as soon as the client's outstanding replies are in."""
+        return (
+            not self._internal_queue
+            and self._internal_active is None
+            and self.status != b"E"
+            and not self.unsynced
+        )
 
     def _internal_ready(self) -> bool:
         if not self._internal_queue or self.pending or self.unsynced:

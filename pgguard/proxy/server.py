@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -26,7 +27,7 @@ from pgguard.approvals.model import ApprovalRequest
 from pgguard.audit.events import SessionContext, statement_record
 from pgguard.audit.records import AuditRecord
 from pgguard.audit.store import open_stores
-from pgguard.audit.text import encode_params
+from pgguard.audit.text import encode_params, prompt_id_from_comment
 from pgguard.audit.writer import AuditWriter
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
@@ -38,7 +39,7 @@ from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_
 from pgguard.policy.engine import limits_for
 from pgguard.policy.facts import StatementFacts
 from pgguard.policy.guard import GuardState, SessionGuard, policy_in_force
-from pgguard.policy.identity_guard import Hold, Refusal
+from pgguard.policy.identity_guard import Hold, PromptSync, Refusal
 from pgguard.policy.loader import check_policy_files
 from pgguard.policy.model import Policy
 from pgguard.protocol import messages as m
@@ -207,6 +208,7 @@ class SessionInfo:
 
 
 STALE_REFRESH_INTERVAL = 5.0
+_SETS_PROMPT = re.compile(r"\b(set|reset)\b[^;]*\bpgguard\.prompt_id\b|set_config", re.I)
 MASKS_CHANGED = Refusal(
     "masking", "the masks for this session changed; run the statement again", "40001"
 )
@@ -248,6 +250,7 @@ class Session:
         self._approval: ApprovalRequest | None = None  # the request of a held statement
         self._held_text = ""
         self._approved: tuple[str, str] | None = None  # (SQL, request id) approved to run
+        self._upstream_prompt: str | None = None  # pgguard.prompt_id on the upstream session
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -457,6 +460,7 @@ class Session:
             ]
         else:
             params = list(upstream_startup.params)
+        self._upstream_prompt = upstream_startup.prompt_id or identity.prompt_id or ""
         await self._connect_upstream(m.StartupMessage(tuple(params)))
         await self._start_guard(identity, database)
         return True
@@ -513,18 +517,19 @@ class Session:
 
         def judge(sql: str) -> Refusal | None:
             refusal = guard(sql)
-            if refusal is not None or not planner.masks:
-                return refusal
-            if core.masking is None:
-                # The policy now masks columns for this identity: masking starts at the
-                # session's next idle point; until then nothing runs unmasked.
-                core.masking_wanted = self._new_masking(planner)
-                return MASKS_CHANGED
-            return planner.refusal(sql)
+            if refusal is None and planner.masks:
+                if core.masking is None:
+                    # The policy now masks columns for this identity: masking starts at the
+                    # session's next idle point; until then nothing runs unmasked.
+                    core.masking_wanted = self._new_masking(planner)
+                    return MASKS_CHANGED
+                refusal = planner.refusal(sql)
+            if refusal is None and "prompt_id" in sql:
+                return self._prompt_sync(sql)
+            return refusal
 
         core.hook = judge
-        if self.gateway.approvals is not None:
-            core.on_hold = self._on_hold
+        core.on_hold = self._on_hold
 
     def prepare_guard(self) -> None:
         """A policy came into force after this session started: load the catalog and learn
@@ -553,10 +558,52 @@ class Session:
         self.gateway._tasks.add(task)
         task.add_done_callback(self.gateway._tasks.discard)
 
+    def _prompt_sync(self, sql: str) -> Refusal | None:
+        """A statement whose comment names another prompt id than the upstream session's
+        ``pgguard.prompt_id``: held while pgguard sets it (see :meth:`_sync_prompt`)."""
+        if _SETS_PROMPT.search(sql):
+            self._upstream_prompt = None  # the client sets it itself: no longer known
+            return None
+        prompt = prompt_id_from_comment(sql)
+        if prompt is None or prompt == self._upstream_prompt:
+            return None
+        return PromptSync("prompt", prompt)
+
+    def _sync_prompt(self, prompt: str) -> None:
+        """Set ``pgguard.prompt_id`` upstream, then let the held statement run. Only where it
+        cannot deadlock (nothing of pgguard's own queued, no failed transaction, not inside an
+        unsynced extended-protocol batch, whose Sync is held too): otherwise the statement
+        runs at once and its audit record still carries the prompt id."""
+        core = self.core
+        if prompt == self._upstream_prompt or not core.internal_clear():
+            self._release_hold(None)
+            return
+        literal = prompt.replace("\x00", "")[:256].replace("'", "''")
+
+        def done(_rows: list[tuple[str | None, ...]], error: str | None) -> None:
+            if error is None:
+                self._upstream_prompt = prompt
+            self._release_hold(None)
+
+        core.internal_query(
+            f"select pg_catalog.set_config('pgguard.prompt_id', '{literal}', false)", done
+        )
+        if core.internal_now() and self.upstream is not None and self.upstream.transport:
+            self.upstream.transport.write(b"".join(core.server_out))
+            core.server_out.clear()
+
     def _on_hold(self, hold: Hold, sql: str, message: bytes) -> None:
-        """The relay holds a statement: ask for approval (unless a window covers it)."""
+        """The relay holds a statement: set its prompt id upstream, or ask for approval
+        (unless a window covers it)."""
+        if isinstance(hold, PromptSync):
+            self._sync_prompt(hold.message)
+            return
         broker = self.gateway.approvals
-        assert broker is not None and self.identity is not None
+        if broker is None:
+            # No store to keep requests in: refused, as the rule's message says.
+            self._release_hold(Refusal(hold.rule, hold.message, hold.sqlstate))
+            return
+        assert self.identity is not None
         prompt_id, _ = self.audit_ctx.prompt(sql)
         params: tuple[str | None, ...] = ()
         if message[:1] == b"B":

@@ -348,3 +348,49 @@ def test_row_limit_errors_are_audited_as_the_client_saw_them(
     assert capped.sqlstate == "54000" and capped.rows is None
     [trimmed] = eventually(lambda: statements(gw, "trim"))
     assert trimmed.sqlstate is None and trimmed.rows == 3
+
+
+def test_comment_prompt_ids_reach_database_triggers(
+    make_gateway: MakeGateway, tmp_path: Path, pg: Any
+) -> None:
+    """`/* prompt_id='…' */` is set as pgguard.prompt_id upstream before the statement runs,
+    so a trigger can record which prompt wrote a row."""
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        admin.execute(
+            """
+            drop table if exists public.prompt_log;
+            create table public.prompt_log (id serial primary key, note text, prompt text);
+            create or replace function public.stamp_prompt() returns trigger language plpgsql
+              as $$ begin new.prompt := current_setting('pgguard.prompt_id', true);
+                     return new; end $$;
+            create trigger stamp before insert on public.prompt_log
+              for each row execute function public.stamp_prompt();
+            grant all on public.prompt_log to public;
+            grant all on sequence public.prompt_log_id_seq to public;
+            """
+        )
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    with psycopg.connect(
+        gw.dsn("pat", claims={"prompt_id": "jwt-prompt"}), autocommit=True
+    ) as conn:
+        conn.execute(b"insert into prompt_log(note) values ('plain')")
+        conn.execute(b"/* prompt_id='p-123' */ insert into prompt_log(note) values ('one')")
+        conn.execute(b"insert into prompt_log(note) values ('two') /* prompt_id='p%2D456' */")
+        conn.execute(b"/* prompt_id='p-456' */ insert into prompt_log(note) values ('three')")
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        rows = admin.execute("select note, prompt from public.prompt_log order by id").fetchall()
+    assert rows == [
+        ("plain", "jwt-prompt"),
+        ("one", "p-123"),
+        ("two", "p-456"),
+        ("three", "p-456"),
+    ]
+    records = eventually(lambda: [r for r in statements(gw, "pat") if "prompt_log" in r.statement])
+    assert [(r.prompt_id, r.prompt_source) for r in records] == [
+        ("jwt-prompt", "jwt"),
+        ("p-123", "comment"),
+        ("p-456", "comment"),
+        ("p-456", "comment"),
+    ]
