@@ -212,7 +212,7 @@ def test_sighup_reloads_the_policy_in_every_worker(
         assert record["extra"]["applied"] is True, (worker, record)
         assert record["extra"]["errors"] == [], (worker, record)
     sighups = [e for e in log_events(gw) if e.get("event") == SIGHUP_EVENT]
-    assert sorted(e.get("worker") for e in sighups) == [0, 1], sighups
+    assert sorted(int(e["worker"]) for e in sighups) == [0, 1], sighups
     assert not [e for e in log_events(gw) if e.get("event") == WATCHER_EVENT]
     assert gw.running
 
