@@ -14,7 +14,8 @@ from pgguard.config import ConfigError, Settings, default_config_path, load_sett
 
 def _load(config: Path | None) -> Settings:
     try:
-        return load_settings(config)
+        # A file named with --config must exist; the default one may be absent (defaults).
+        return load_settings(config, require_file=config is not None)
     except ConfigError as exc:
         click.echo(exc.report(), err=True)
         sys.exit(2)

@@ -34,7 +34,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         context = " ".join(
-            f"{k}={record.__dict__[k]}" for k in CONTEXT_FIELDS if record.__dict__.get(k)
+            f"{k}={record.__dict__[k]}"
+            for k in CONTEXT_FIELDS
+            if record.__dict__.get(k) not in (None, "")  # worker 0 is a worker too
         )
         line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
         if context:

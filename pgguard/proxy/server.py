@@ -1306,9 +1306,17 @@ class Gateway:
 
     def _start_audit(self) -> None:
         audit = self.settings.audit
-        self.instance_id = audit.instance_id or (
-            f"{socket.gethostname()}:{self.settings.listen.port}:{self.worker_id}"
-        )
+        if audit.instance_id:
+            # Each worker writes its own chain: a shared one would fork at the first record.
+            self.instance_id = (
+                f"{audit.instance_id}:{self.worker_id}"
+                if self.settings.workers > 1
+                else audit.instance_id
+            )
+        else:
+            self.instance_id = (
+                f"{socket.gethostname()}:{self.settings.listen.port}:{self.worker_id}"
+            )
         stores = open_stores(audit.url, audit.jsonl)
         if stores:
             self.audit = AuditWriter(stores, mode=audit.mode, instance_id=self.instance_id)
