@@ -234,7 +234,7 @@ def test_demo_policy_decisions() -> None:
         "public.customers.salary": "generalize(1000)",
         "vault.api_keys.secret": "redact",
     }
-    assert {m.column for m in masks_for(p, dba)} == {"public.customers.email", "*.*.ssn"}
+    assert masks_for(p, dba) == ()  # the DBA sees clear values
 
     assert limits_for(p, agent, "demo") == Limits(
         max_rows=1000, statement_timeout=30.0, read_only=True, on_max_rows="error"
