@@ -24,6 +24,7 @@ from pgguard.proxy.admin import start_admin
 from pgguard.proxy.server import Gateway, run_coroutine
 
 log = logging.getLogger("pgguard")
+LIFECYCLE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 async def serve_async(
@@ -41,20 +42,24 @@ async def serve_async(
     gc.set_threshold(50_000, 20, 20)
     gateway.worker_id = worker_id
     gateway.worker_group = worker_group
-    admin = await start_admin(settings, gateway)  # /metrics, /healthz, /readyz
-    await gateway.start()
-    for prefix, handler in gateway.approval_routes().items():
-        admin.route(prefix, handler)  # /api/approvals, /approvals
-    log.info(
-        "pgguard listening on %s:%s (event loop: %s)",
-        settings.listen.host,
-        gateway.port,
-        type(asyncio.get_running_loop()).__module__.split(".")[0],
-        extra={"worker": worker_id},
-    )
-    if on_ready is not None:
-        on_ready(gateway)
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    # Signal handlers first: a SIGHUP or SIGTERM that arrives as soon as the port accepts
+    # connections must reload or drain, not kill the process.
+    with anyio.open_signal_receiver(*LIFECYCLE_SIGNALS) as signals:
+        # A worker starts with these blocked (see serve): pending ones arrive here now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
+        admin = await start_admin(settings, gateway)  # /metrics, /healthz, /readyz
+        await gateway.start()
+        for prefix, handler in gateway.approval_routes().items():
+            admin.route(prefix, handler)  # /api/approvals, /approvals
+        log.info(
+            "pgguard listening on %s:%s (event loop: %s)",
+            settings.listen.host,
+            gateway.port,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
+            extra={"worker": worker_id},
+        )
+        if on_ready is not None:
+            on_ready(gateway)
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: reloading the policy", extra={"worker": worker_id})
@@ -96,10 +101,13 @@ def serve(settings: Settings) -> int:
     if policy is False:
         return 2
     if settings.workers <= 1:
+        signal.pthread_sigmask(signal.SIG_BLOCK, LIFECYCLE_SIGNALS)  # until serve_async's handlers
         run_coroutine(functools.partial(serve_async, settings, policy=policy or None))
         return 0
     children: dict[int, int] = {}
     group = os.getpid()
+    # Until each process has its handlers, a signal waits instead of killing it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, LIFECYCLE_SIGNALS)
     start_multiprocess()  # metrics: totals across workers (a temp dir, removed at exit)
     for worker_id in range(settings.workers):
         pid = os.fork()
@@ -127,8 +135,9 @@ def serve(settings: Settings) -> int:
             except ProcessLookupError:
                 children.pop(child, None)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in LIFECYCLE_SIGNALS:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, LIFECYCLE_SIGNALS)
     status = 0
     while children:
         try:

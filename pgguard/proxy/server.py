@@ -1404,7 +1404,9 @@ class Gateway:
                     session.end(IDLE_TIMEOUT)
 
     async def drain(self, deadline: float) -> None:
-        """Stop accepting, end idle sessions, wait for busy ones up to ``deadline`` seconds."""
+        """Stop accepting, end idle sessions, wait for busy ones, then flush the audit trail,
+        all within ``deadline`` seconds (plus a second), so that a supervisor's grace period
+        a little longer than ``limits.drain_timeout`` is enough."""
         self.draining = True
         if self.server is not None:
             self.server.close()
@@ -1413,21 +1415,26 @@ class Gateway:
         for session in list(self.sessions):
             session.end(SHUTTING_DOWN)
         end = time.monotonic() + deadline
-        while self.sessions and time.monotonic() < end:
+        # Sessions may use the budget but for a reserve to write the last records.
+        reserve = min(5.0, deadline / 5)
+
+        def remaining(at_least: float = 0.0) -> float:
+            return max(at_least, end - time.monotonic())
+
+        while self.sessions and time.monotonic() < end - reserve:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.force_end(SHUTTING_DOWN)
         # Give the final writes a moment to reach the sockets.
-        for _ in range(40):
-            if not self.sessions:
-                break
+        stop_waiting = time.monotonic() + min(2.0, remaining())
+        while self.sessions and time.monotonic() < stop_waiting:
             await asyncio.sleep(0.05)
         if self.approvals is not None:
             await self.approvals.close()
-            await asyncio.to_thread(self.approvals.notifier.close, 5.0)
+            await asyncio.to_thread(self.approvals.notifier.close, min(2.0, remaining(0.1)))
         if self.audit is not None:
             audit = self.audit
-            flushed = await asyncio.to_thread(audit.close, deadline)
+            flushed = await asyncio.to_thread(audit.close, remaining(1.0))
             if not flushed:
                 log.error("audit: %d record(s) could not be written before exit", audit.abandoned)
 
