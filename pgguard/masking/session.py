@@ -68,6 +68,9 @@ class _Statement:
     sql: str
     types: tuple[tuple[int, int], ...] | None = None  # from a Describe; None: unknown
     described: bool = False  # a Describe answered (types None then means NoData)
+    # The server may hold another text under this name (a re-Parse that fails because the
+    # name is taken, a statement pgguard did not see prepared): its results are masked whole.
+    uncertain: bool = False
 
 
 @dataclass(slots=True)
@@ -153,14 +156,16 @@ class SessionMasking:
         elif t == _P:
             i = msg.index(0, 5)
             sql = msg[i + 1 : msg.index(0, i + 1)].decode("utf-8", "surrogateescape")
-            self._statements[msg[5:i]] = _Statement(sql)
+            name = msg[5:i]
+            known = self._statements.get(name) if name else None
+            uncertain = known is not None and (known.uncertain or known.sql != sql)
+            self._statements[name] = _Statement(sql, uncertain=uncertain)
         elif t == _B:
             i = msg.index(0, 5)
             statement = self._statements.get(msg[i + 1 : msg.index(0, i + 1)])
-            if statement is not None:
-                self._portals[msg[5:i]] = _Portal(statement, msg)
-            else:
-                self._portals.pop(msg[5:i], None)
+            if statement is None:  # e.g. a SQL-level PREPARE bound by name: unknown text
+                statement = _Statement("", uncertain=True)
+            self._portals[msg[5:i]] = _Portal(statement, msg)
         elif t == _DESC:
             name = msg[6:-1]
             if msg[5] == 83:  # "S"
@@ -184,7 +189,15 @@ class SessionMasking:
             self._slots.append(_Slot("function"))
         return None
 
+    def seed(self, statements: dict[bytes, tuple[bytes, ...]]) -> None:
+        """Statements the session prepared before masking started (a policy reload)."""
+        for name, texts in statements.items():
+            sql = texts[0].decode("utf-8", "surrogateescape")
+            self._statements[name] = _Statement(sql, uncertain=len(texts) > 1)
+
     def _plan_of(self, statement: _Statement) -> StatementPlan:
+        if statement.uncertain:
+            return _UNCERTAIN_PLAN
         # Planned when needed, so that a search_path change confirmed in between (pgguard
         # asks the server after a SET) is taken into account.
         plans = self.planner(statement.sql)
@@ -370,6 +383,8 @@ class SessionMasking:
         """Set up masking for the rows of an Execute (they come without a RowDescription)."""
         portal = slot.portal
         if portal is None:
+            # A portal bound before masking started, or unknown: every column as NULL.
+            self._blind = True
             return
         plan = self._plan_of(portal.statement)
         result = self._result(plan)
@@ -459,6 +474,7 @@ class SessionMasking:
 
 
 _MISSING: object = object()
+_UNCERTAIN_PLAN = StatementPlan(result=OPAQUE_RESULT, returns_rows=True, scrub_errors=True)
 
 
 def _scrub(msg: bytes) -> bytes | None:

@@ -46,7 +46,7 @@ _Z = 90
 
 # Intercepted types. Client: Query, Parse, Sync, FunctionCall, Terminate, Bind (a prepared
 # statement is judged again at each Bind: the policy or search_path may have changed).
-CLIENT_INTERCEPT = b"QPSFXB"
+CLIENT_INTERCEPT = b"QPSFXBC"  # and Close, which frees a prepared statement's name
 # Server: ReadyForQuery, ErrorResponse (to put refusals in their place), ParameterStatus
 # (a setting that changes how the server reads SQL ends the session).
 SERVER_INTERCEPT = b"ZES"
@@ -158,7 +158,10 @@ class RelayCore:
         self._refusals: dict[str, Refusal] = {}
         self._seq = 0
         self._verdicts: dict[bytes, Refusal | object | None] = {}
-        self._statements: dict[bytes, bytes] = {}  # prepared statement name → its SQL
+        # Prepared statement name → the SQL it may hold: re-Parsing a name fails on the server
+        # unless it was closed or DEALLOCATEd, which pgguard may not see, so a Bind is judged
+        # for every text the name may stand for (fail closed).
+        self._statements: dict[bytes, tuple[bytes, ...]] = {}
         self.epoch: list[int] | None = None  # shared cell: verdicts are stale when it moves
         self._epoch_seen = 0
         self._client = Scanner(CLIENT_INTERCEPT, max_message_bytes)
@@ -208,6 +211,7 @@ class RelayCore:
         is then cut out: whether a result needs masking is only known at its
         RowDescription, too late for messages already scanned past."""
         self.masking = masking
+        masking.seed(self._statements)
         self.masking_wanted = None
         self._verdicts.clear()  # refusals pending masking are stale now
         self._client.set_intercept(
@@ -273,6 +277,8 @@ class RelayCore:
                 sql = self._sql_of(t, buf, pos, end)
                 if sql is not None:
                     refusal = self._verdict(sql)
+                    if t == _B:
+                        sql, refusal = self._bind_verdict(buf, pos, end, sql, refusal)
                     if isinstance(refusal, Hold) and self.on_hold is not None:
                         if t == _P:
                             # Parsing runs nothing: the hold comes at the Bind that would
@@ -283,7 +289,14 @@ class RelayCore:
                                 self._track_client(buf, hits[:k])
                             return self._hold(buf, pos, end, out, prev, refusal, sql)
                     if t == _P:
-                        self._statements[buf[pos + 5 : buf.index(0, pos + 5)]] = sql
+                        name = buf[pos + 5 : buf.index(0, pos + 5)]
+                        known = self._statements.get(name) if name else None
+                        if known is None:
+                            self._statements[name] = (sql,)
+                        elif sql not in known:
+                            self._statements[name] = (sql, *known)
+            if t == _CLOSE and buf[pos + 5] == _S:
+                self._statements.pop(buf[pos + 6 : end - 1], None)
             if masking is not None:
                 replacement = masking.client(t, buf[pos:end])
                 if replacement is not None:  # an Execute with a Describe slipped in
@@ -318,6 +331,20 @@ class RelayCore:
         out.append(buf[prev:cut])
         return b"".join(out)
 
+    def _bind_verdict(
+        self, buf: bytes, pos: int, end: int, sql: bytes, refusal: Refusal | None
+    ) -> tuple[bytes, Refusal | None]:
+        """The most severe verdict over every text a Bind's statement name may stand for."""
+        i = buf.find(0, pos + 5, end)
+        candidates = self._statements.get(buf[i + 1 : buf.find(0, i + 1, end)], ())
+        for other in candidates[1:]:
+            verdict = self._verdict(other)
+            if verdict is None:
+                continue
+            if refusal is None or (isinstance(refusal, Hold) and not isinstance(verdict, Hold)):
+                sql, refusal = other, verdict
+        return sql, refusal
+
     def _sql_of(self, t: int, buf: bytes, pos: int, end: int) -> bytes | None:
         """The SQL a Query, Parse or Bind (its prepared statement's) will run; None for a
         Bind of a statement pgguard did not see (the server reports it)."""
@@ -330,7 +357,8 @@ class RelayCore:
             raise ProtocolError("Parse/Bind: unterminated string")
         if t == _P:
             return buf[i + 1 : j]
-        return self._statements.get(buf[i + 1 : j])
+        known = self._statements.get(buf[i + 1 : j])
+        return known[0] if known else None
 
     # ------------------------------------------------------------------ approval holds
     def _hold(
@@ -379,8 +407,8 @@ class RelayCore:
             if closed is not None:
                 return closed
         if self._overrides:
-            decided = self._overrides.get(sql, _UNSEEN)
-            if decided is not _UNSEEN:  # the decision on a held statement, for what was held
+            decided = self._overrides.pop(sql, _UNSEEN)
+            if decided is not _UNSEEN:  # the decision on a held statement: one execution
                 return cast(Refusal | None, decided)
         cache = self._verdicts
         if self.epoch is not None and self.epoch[0] != self._epoch_seen:
@@ -509,6 +537,8 @@ class RelayCore:
                 if self.pending:
                     self.pending -= 1
                 if self.pending == 0:
+                    if self.holding is not None and self.status == b"E":
+                        self._fail_internal("the transaction has failed")
                     if self.masking_wanted is not None:
                         self.enable_masking(self.masking_wanted)
                     if self._refusals:
@@ -744,6 +774,13 @@ class RelayCore:
             and self.status != b"E"
             and not self.unsynced
         )
+
+    def _fail_internal(self, why: str) -> None:
+        """Queued queries of pgguard's own that cannot run (a failed transaction, whose
+        ROLLBACK waits behind a held statement) end with an error instead of never."""
+        queued, self._internal_queue = self._internal_queue, []
+        for _sql, callback, _outside in queued:
+            callback([], why)
 
     def _internal_ready(self) -> bool:
         if not self._internal_queue or self.pending or self.unsynced:

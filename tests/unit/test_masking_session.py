@@ -335,3 +335,56 @@ def test_masks_apply_when_messages_arrive_byte_by_byte() -> None:
     out = b"".join(core.from_server(reply[i : i + 1]) for i in range(len(reply)))
     assert EMAIL.encode() not in out
     assert rows_of(out) == [(b"1", b"a****@example.com")]
+
+
+def error(code: str, text: str) -> bytes:
+    return m.ErrorResponse(m.error_fields("ERROR", code, text)).encode()
+
+
+def test_a_failed_re_parse_of_a_taken_name_masks_that_statement_whole() -> None:
+    """The server keeps the first text when a re-Parse of the name fails (42P05): pgguard
+    cannot tell which text runs, so the results are masked entirely."""
+    masked, clean = "select id, email from customers", "select 1 as id, 'x' as email"
+    core, _ = make({masked: (SELECT_PLAN,)})
+    core.from_client(m.Parse("s1", masked, ()).encode() + m.Sync().encode())
+    core.from_server(m.ParseComplete().encode() + READY)
+    core.from_client(m.Parse("s1", clean, ()).encode() + m.Sync().encode())
+    core.from_server(error("42P05", 'prepared statement "s1" already exists') + READY)
+    sent = core.from_client(
+        m.Bind("", "s1", (), (), ()).encode() + m.Execute("", 0).encode() + m.Sync().encode()
+    )
+    assert m.Describe(b"P", "").encode() in sent
+    back = core.from_server(
+        m.BindComplete().encode()
+        + row_description(INT4, TEXT)
+        + data_row(b"1", EMAIL.encode())
+        + complete()
+        + READY
+    )
+    assert EMAIL.encode() not in back and rows_of(back) == [(b"0", b"****")]
+
+
+def test_statements_prepared_before_masking_started_are_masked() -> None:
+    masked = "select id, email from customers"
+    core = RelayCore(1 << 20, lambda sql: None)
+    masking = SessionMasking(
+        planner_for({masked: (SELECT_PLAN,)}), MaskerCache(b"k"), lambda oid, att: None
+    )
+    core.from_client(m.Parse("s1", masked, ()).encode() + m.Sync().encode())
+    core.from_server(m.ParseComplete().encode() + READY)
+    core.masking_wanted = masking  # a reload added masks: masking starts at the next idle point
+    core.from_client(m.Query("select 1").encode())
+    core.from_server(complete() + READY)
+    assert core.masking is masking
+    sent = core.from_client(
+        m.Bind("", "s1", (), (), ()).encode() + m.Execute("", 0).encode() + m.Sync().encode()
+    )
+    assert m.Describe(b"P", "").encode() in sent
+    back = core.from_server(
+        m.BindComplete().encode()
+        + row_description(INT4, TEXT)
+        + data_row(b"1", EMAIL.encode())
+        + complete()
+        + READY
+    )
+    assert rows_of(back) == [(b"1", b"a****@example.com")]

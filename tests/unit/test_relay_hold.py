@@ -91,3 +91,46 @@ def test_relay_without_hold_support_refuses() -> None:
     core = RelayCore(1 << 20, hook)
     sent = core.from_client(m.Query(WRITE).encode())
     assert WRITE.encode() not in sent and b"pgguard_refused_" in sent
+
+
+def test_one_approval_runs_one_execution() -> None:
+    core, held = make()
+    core.from_client(m.Query(WRITE).encode() + m.Query(WRITE).encode())
+    out = core.release(None)
+    assert out == m.Query(WRITE).encode()  # the second copy is held again
+    assert core.holding is HOLD and len(held) == 2
+
+
+def test_a_bind_is_judged_for_every_text_its_name_may_stand_for() -> None:
+    """A re-Parse of a taken name fails on the server, which keeps the first text: the
+    Bind must not be judged as the second text alone."""
+    core, held = make()
+    core.from_client(m.Parse("s1", WRITE, ()).encode() + m.Sync().encode())
+    core.from_server(m.ParseComplete().encode() + m.ReadyForQuery(b"I").encode())
+    core.from_client(m.Parse("s1", "select 1", ()).encode() + m.Sync().encode())
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    sent = core.from_client(
+        m.Bind("", "s1", (), (), ()).encode() + m.Execute("", 0).encode() + m.Sync().encode()
+    )
+    assert sent == b"" and held and held[-1][1] == WRITE
+    # After a Close, the name is free again and only the new text counts.
+    core.release(Refusal("orders-need-approval", "no"))
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    core.from_client(m.Close(b"S", "s1").encode() + m.Sync().encode())
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    core.from_client(m.Parse("s1", "select 1", ()).encode() + m.Sync().encode())
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    count = len(held)
+    sent = core.from_client(m.Bind("", "s1", (), (), ()).encode() + m.Sync().encode())
+    assert sent and len(held) == count
+
+
+def test_a_hold_waiting_on_pgguards_own_query_ends_when_the_transaction_fails() -> None:
+    core, _ = make()
+    results: list[object] = []
+    core.internal_query("select 1", lambda rows, err: results.append(err))
+    core.from_client(m.Query("select 1/0").encode() + m.Query(WRITE).encode())
+    assert core.holding is HOLD
+    err = m.ErrorResponse(m.error_fields("ERROR", "22012", "division by zero")).encode()
+    core.from_server(err + m.ReadyForQuery(b"E").encode())
+    assert results == ["the transaction has failed"]
