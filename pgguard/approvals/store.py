@@ -19,7 +19,6 @@ at commit), for a replica that prefers LISTEN to polling :meth:`ApprovalStore.st
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import math
 import time
@@ -29,6 +28,7 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, select, text, update
 
+from pgguard.audit.records import clean_str
 from pgguard.audit.store import SchemaError, SqlStore
 
 from .model import (
@@ -60,20 +60,8 @@ def _loads(value: str | None) -> tuple[Any, ...]:
     return tuple(json.loads(value)) if value else ()
 
 
-def _clean(value: str) -> str:
-    """A string every backend stores: no NUL (PostgreSQL text), no lone surrogates."""
-    if "\x00" in value:
-        value = value.replace("\x00", "\ufffd")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
-
-
 def _opt_clean(value: str | None) -> str | None:
-    return None if value is None else _clean(value)
+    return None if value is None else clean_str(value)
 
 
 def _request_row(r: ApprovalRequest) -> dict[str, Any]:
@@ -81,10 +69,10 @@ def _request_row(r: ApprovalRequest) -> dict[str, Any]:
         "id": r.id,
         "created": r.created,
         "expires_at": r.expires_at,
-        "username": _clean(r.requester),
-        "groups": _dumps(_clean(g) for g in r.groups),
+        "username": clean_str(r.requester),
+        "groups": _dumps(clean_str(g) for g in r.groups),
         "prompt_id": _opt_clean(r.prompt_id),
-        "statement": _clean(r.statement),
+        "statement": clean_str(r.statement),
         "fingerprint": _opt_clean(r.fingerprint),
         "params": _dumps(_opt_clean(p) for p in r.params),
         "rule": r.rule,
@@ -96,7 +84,7 @@ def _request_row(r: ApprovalRequest) -> dict[str, Any]:
         "window_until": r.window_until,
         "instance_id": r.instance_id,
         "session_id": r.session_id,
-        "database": _clean(r.database),
+        "database": clean_str(r.database),
     }
 
 
@@ -215,23 +203,6 @@ class ApprovalStore:
 
     # -- transactions ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """A write transaction; on SQLite ``BEGIN IMMEDIATE`` (SqlStore's begin hook reads the
-        ``pgguard_begin`` option) takes the write lock up front, serialising deciders."""
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(pgguard_begin="BEGIN IMMEDIATE")
-            with conn.begin():
-                yield conn
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            try:
-                yield conn
-            finally:
-                conn.rollback()
-
     def _notify(self, conn: Connection, ids: Iterable[str]) -> None:
         if self.dialect != "postgresql":
             return
@@ -250,12 +221,12 @@ class ApprovalStore:
 
     def create(self, request: ApprovalRequest) -> None:
         """Store a new request (its id must be new)."""
-        with self._write() as conn:
+        with self.sql.write_transaction() as conn:
             conn.execute(approvals_table.insert().values(**_request_row(request)))
 
     def get(self, request_id: str) -> ApprovalRequest | None:
         t = approvals_table
-        with self._read() as conn:
+        with self.sql.read_connection() as conn:
             row = conn.execute(select(t).where(t.c.id == request_id)).first()
         return None if row is None else _request_from_row(row._mapping)
 
@@ -277,7 +248,7 @@ class ApprovalStore:
         q = q.order_by(t.c.created.desc(), t.c.id.desc())
         if limit is not None:
             q = q.limit(max(int(limit), 0))
-        with self._read() as conn:
+        with self.sql.read_connection() as conn:
             return [_request_from_row(row._mapping) for row in conn.execute(q)]
 
     def statuses(self, ids: Iterable[str]) -> dict[str, ApprovalRequest]:
@@ -288,7 +259,7 @@ class ApprovalStore:
         if not wanted:
             return out
         t = approvals_table
-        with self._read() as conn:
+        with self.sql.read_connection() as conn:
             for chunk in _chunks(wanted):
                 for row in conn.execute(select(t).where(t.c.id.in_(chunk))):
                     request = _request_from_row(row._mapping)
@@ -318,7 +289,7 @@ class ApprovalStore:
                 raise ApprovalError(400, "only an approval can grant a window")
             if not math.isfinite(window_seconds) or window_seconds <= 0:
                 raise ApprovalError(400, "a window must be a positive duration")
-        with self._write() as conn:
+        with self.sql.write_transaction() as conn:
             request = self._locked(conn, request_id)
             if request is None:
                 raise ApprovalError(404, f"no approval request {request_id}")
@@ -340,7 +311,7 @@ class ApprovalStore:
                 .where(t.c.id == request_id, t.c.status == "pending")
                 .values(
                     status=decided.status,
-                    decider=_clean(user),
+                    decider=clean_str(user),
                     reason=reason,
                     decided_at=now,
                     window_until=until,
@@ -355,7 +326,7 @@ class ApprovalStore:
                         username=request.requester,
                         rule=request.rule,
                         until=until,
-                        granted_by=_clean(user),
+                        granted_by=clean_str(user),
                         request_id=request.id,
                         approvers=_dumps(request.approvers),
                         revoked=False,
@@ -373,7 +344,7 @@ class ApprovalStore:
         """Move a pending request to ``status``: the changed request, or None when there is
         nothing to change (unknown id, or no longer pending)."""
         t = approvals_table
-        with self._write() as conn:
+        with self.sql.write_transaction() as conn:
             request = self._locked(conn, request_id)
             if request is None or request.status != "pending":
                 return None
@@ -406,7 +377,7 @@ class ApprovalStore:
         died with it); the requests this call expired."""
         now = time.time() if now is None else now
         t = approvals_table
-        with self._write() as conn:
+        with self.sql.write_transaction() as conn:
             rows = conn.execute(
                 select(t)
                 .where(t.c.status == "pending", t.c.expires_at <= now - grace)
@@ -440,13 +411,13 @@ class ApprovalStore:
             .order_by(w.c.until.desc())
             .limit(1)
         )
-        with self._read() as conn:
+        with self.sql.read_connection() as conn:
             row = conn.execute(q).first()
         return None if row is None else _window_from_row(row._mapping)
 
     def get_window(self, window_id: str) -> Window | None:
         w = windows_table
-        with self._read() as conn:
+        with self.sql.read_connection() as conn:
             row = conn.execute(select(w).where(w.c.id == window_id)).first()
         return None if row is None else _window_from_row(row._mapping)
 
@@ -462,7 +433,7 @@ class ApprovalStore:
         q = q.order_by(w.c.created.desc(), w.c.id.desc())
         if limit is not None:
             q = q.limit(max(int(limit), 0))
-        with self._read() as conn:
+        with self.sql.read_connection() as conn:
             return [_window_from_row(row._mapping) for row in conn.execute(q)]
 
     def revoke_window(
@@ -473,7 +444,7 @@ class ApprovalStore:
         now = time.time() if now is None else now
         groups = tuple(groups)
         w = windows_table
-        with self._write() as conn:
+        with self.sql.write_transaction() as conn:
             row = conn.execute(select(w).where(w.c.id == window_id).with_for_update()).first()
             if row is None:
                 raise ApprovalError(404, f"no window {window_id}")
@@ -484,6 +455,6 @@ class ApprovalStore:
             conn.execute(
                 update(w)
                 .where(w.c.id == window_id, w.c.revoked.is_(False))
-                .values(revoked=True, revoked_by=_clean(user), revoked_at=now)
+                .values(revoked=True, revoked_by=clean_str(user), revoked_at=now)
             )
         return replace(window, revoked=True, revoked_by=user, revoked_at=now)

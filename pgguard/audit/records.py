@@ -295,7 +295,7 @@ def with_link(
     return new
 
 
-def _clean_str(value: str) -> str:
+def clean_str(value: str) -> str:
     """A string any store accepts: no NUL (PostgreSQL text), no lone surrogates (UTF-8)."""
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
@@ -326,7 +326,7 @@ def storable(record: AuditRecord) -> AuditRecord:
         if not isinstance(value, str):
             value = str(value)
             changes[name] = value
-        cleaned = _clean_str(value)
+        cleaned = clean_str(value)
         if name in _INDEXED_FIELDS:
             cleaned = _cap(cleaned)
         if cleaned is not value:

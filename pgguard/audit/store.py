@@ -375,7 +375,7 @@ class SqlStore:
                 f"audit store {self.safe_url} has {state} (this pgguard needs "
                 f"{SCHEMA_VERSION}); start pgguard serve once to create or migrate it"
             )
-        with self._write() as conn:
+        with self.write_transaction() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             version = self._read_version(conn)  # again, under the lock
@@ -395,7 +395,7 @@ class SqlStore:
         return SCHEMA_VERSION
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def write_transaction(self) -> Iterator[Connection]:
         """A write transaction (BEGIN IMMEDIATE on SQLite: the write lock up front)."""
         with self.engine.connect() as conn:
             conn = conn.execution_options(pgguard_begin="BEGIN IMMEDIATE")
@@ -403,7 +403,7 @@ class SqlStore:
                 yield conn
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def read_connection(self) -> Iterator[Connection]:
         with self.engine.connect() as conn:
             try:
                 yield conn
@@ -418,7 +418,7 @@ class SqlStore:
             return
         rows = [_row_tuple(r) for r in records]
         try:
-            with self._write() as conn:
+            with self.write_transaction() as conn:
                 # The driver's executemany with a fixed statement: the writer thread's cost
                 # per record matters (it shares the GIL with the relay).
                 conn.exec_driver_sql(self._insert, rows)
@@ -430,7 +430,7 @@ class SqlStore:
     def _append_missing(self, records: Sequence[AuditRecord]) -> None:
         t = records_table
         keys = [(r.instance_id, r.seq) for r in records]
-        with self._write() as conn:
+        with self.write_transaction() as conn:
             stored: dict[tuple[str, int], str] = {}
             for chunk in _chunks(keys, 200):
                 rows = conn.execute(
@@ -459,7 +459,7 @@ class SqlStore:
     def last_link(self, instance_id: str) -> Link | None:
         """The last ``(seq, hash)`` of ``instance_id``'s chain, or None."""
         t = records_table
-        with self._read() as conn:
+        with self.read_connection() as conn:
             row = conn.execute(
                 select(t.c.seq, t.c.hash)
                 .where(t.c.instance_id == instance_id)
@@ -529,7 +529,7 @@ class SqlStore:
             q = q.order_by(t.c.ts, t.c.id)
         if limit is not None:
             q = q.limit(limit)
-        with self._read() as conn:
+        with self.read_connection() as conn:
             return [_record_from_row(row._mapping) for row in conn.execute(q)]
 
     def _contains(self, column: Any, needle: str) -> Any:
@@ -542,7 +542,7 @@ class SqlStore:
         """Records stored after row id ``position`` as ``(row id, record)``, in id order."""
         t = records_table
         q = select(t).where(t.c.id > position).order_by(t.c.id).limit(limit)
-        with self._read() as conn:
+        with self.read_connection() as conn:
             return [(int(row.id), _record_from_row(row._mapping)) for row in conn.execute(q)]
 
     def at(self, positions: Iterable[int]) -> list[tuple[int, AuditRecord]]:
@@ -550,7 +550,7 @@ class SqlStore:
         wanted = sorted(set(positions))
         out: list[tuple[int, AuditRecord]] = []
         t = records_table
-        with self._read() as conn:
+        with self.read_connection() as conn:
             for chunk in _chunks(wanted, 500):
                 q = select(t).where(t.c.id.in_(chunk)).order_by(t.c.id)
                 out.extend((int(row.id), _record_from_row(row._mapping)) for row in conn.execute(q))
@@ -560,14 +560,14 @@ class SqlStore:
         """The last ``n`` records stored, as ``(row id, record)`` in id order."""
         t = records_table
         q = select(t).order_by(t.c.id.desc()).limit(n)
-        with self._read() as conn:
+        with self.read_connection() as conn:
             rows = [(int(row.id), _record_from_row(row._mapping)) for row in conn.execute(q)]
         rows.reverse()
         return rows
 
     def max_position(self) -> int:
         """The highest row id stored (0 when empty)."""
-        with self._read() as conn:
+        with self.read_connection() as conn:
             value = conn.execute(select(func.max(records_table.c.id))).scalar()
         return int(value or 0)
 
@@ -584,7 +584,7 @@ class SqlStore:
             if instance_id is not None:
                 q = q.where(t.c.instance_id == instance_id)
             q = q.order_by(t.c.id).limit(batch)
-            with self._read() as conn:
+            with self.read_connection() as conn:
                 page = [(int(row.id), _record_from_row(row._mapping)) for row in conn.execute(q)]
             if not page:
                 return
@@ -593,14 +593,14 @@ class SqlStore:
 
     def instances(self) -> list[str]:
         t = records_table
-        with self._read() as conn:
+        with self.read_connection() as conn:
             return [
                 r[0]
                 for r in conn.execute(select(t.c.instance_id).distinct().order_by(t.c.instance_id))
             ]
 
     def count(self) -> int:
-        with self._read() as conn:
+        with self.read_connection() as conn:
             return int(conn.execute(select(func.count()).select_from(records_table)).scalar() or 0)
 
     def close(self) -> None:

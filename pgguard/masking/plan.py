@@ -266,7 +266,7 @@ class MaskerCache:
     def __init__(self, secret: bytes) -> None:
         self.secret = secret
         self._maskers: dict[tuple[str, int, int], Masker] = {}
-        self._rows: dict[tuple[object, ...], tuple[ResultPlan, RowMasker]] = {}
+        self._rows: dict[tuple[object, ...], RowMasker] = {}
         self.on_fallback: Callable[[MaskFunction, int, str], None] | None = None
 
     def masker(self, function: MaskFunction, type_oid: int, typmod: int) -> Masker:
@@ -299,10 +299,10 @@ class MaskerCache:
         formats: Sequence[int],
     ) -> RowMasker:
         """The row masker of a result with these column types ((oid, typmod)) and formats."""
-        key = (id(plan), tuple(types), tuple(formats))
+        key = (plan, tuple(types), tuple(formats))  # plans compare by value
         known = self._rows.get(key)
-        if known is not None and known[0] is plan:
-            return known[1]
+        if known is not None:
+            return known
         entries: list[ColumnPlan] = []
         for i, (type_oid, typmod) in enumerate(types):
             mask = plan.mask_at(i)
@@ -318,7 +318,7 @@ class MaskerCache:
         masker = RowMasker(entries)
         if len(self._rows) > 1024:
             self._rows.clear()
-        self._rows[key] = (plan, masker)
+        self._rows[key] = masker
         return masker
 
     def blind(self, width: int) -> RowMasker:

@@ -8,7 +8,6 @@ remembers them per text until the guard's epoch moves (policy reload, catalog re
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from pgguard.masking.lineage import StatementLineage, lineage
@@ -21,19 +20,13 @@ from pgguard.masking.plan import (
 )
 from pgguard.policy.analysis import AnalysisError
 from pgguard.policy.engine import mask_for_column, masks_for
-from pgguard.policy.guard import GuardState, SessionGuard
+from pgguard.policy.guard import GuardState, SessionGuard, literal_free
 from pgguard.policy.identity_guard import Refusal
 from pgguard.policy.model import MaskRule
 
 __all__ = ["LineageCache", "SessionPlanner"]
 
 _CACHE_SIZE = 20_000
-# As in the guard: a text without strings, quoted names, casts or parameters differs from
-# another only in numbers when the two are equal after numbers are replaced, and numbers
-# never change lineage. Spares a parse per new literal (pgbench -S, ORMs).
-_PLAIN_TEXT = re.compile(r"[\w\s,.*=()<>+\-/;]*\Z", re.ASCII)
-_NUMBER = re.compile(r"\b\d+(?:\.\d*)?(?:[eE][-+]?\d+)?\b", re.ASCII)
-_UNPARSABLE: tuple[StatementLineage, ...] = ()
 
 
 class LineageCache:
@@ -48,7 +41,7 @@ class LineageCache:
     ) -> tuple[StatementLineage, ...] | None:
         """The statements' lineage; None when the text cannot be analysed."""
         version = self.state.catalog_versions.get(database, 0)
-        key_text = _NUMBER.sub("?", sql) if _PLAIN_TEXT.match(sql) else sql
+        key_text = literal_free(sql) or sql
         key = (database, search_path, version, key_text)
         if key in self._cache:
             return self._cache[key]
@@ -108,9 +101,10 @@ class SessionPlanner:
         if plans is not None:
             return plans
         # A new text: one that differs from a known one only in numbers has its plans.
-        shape = None
-        if not guard.pending_paths and _PLAIN_TEXT.match(sql):
-            shape = (_NUMBER.sub("?", sql), guard.search_path)
+        shape: tuple[str, tuple[str, ...]] | None = None
+        free = None if guard.pending_paths else literal_free(sql)
+        if free is not None:
+            shape = (free, guard.search_path)
             plans = self._plans.get(shape)
         if plans is None:
             plans = self._plan(sql)

@@ -55,6 +55,8 @@ Planner = Callable[[str], tuple[StatementPlan, ...]]
 OriginMask = Callable[[int, int], ColumnMask | None]
 
 _LEN = struct.Struct("!I")
+_IDLE = 73  # ReadyForQuery status "I"
+_Description = tuple[tuple[tuple[int, int], ...], tuple[int, ...], tuple[tuple[int, int, int], ...]]
 _U16 = struct.Struct("!H")
 _I32S = struct.Struct("!i")
 _I16 = struct.Struct("!h")
@@ -68,6 +70,7 @@ class _Statement:
     sql: str
     types: tuple[tuple[int, int], ...] | None = None  # from a Describe; None: unknown
     described: bool = False  # a Describe answered (types None then means NoData)
+    origins: tuple[tuple[int, int, int], ...] = ()  # fields' (index, table oid, attnum)
     # The server may hold another text under this name (a re-Parse that fails because the
     # name is taken, a statement pgguard did not see prepared): its results are masked whole.
     uncertain: bool = False
@@ -79,6 +82,7 @@ class _Portal:
     bind: bytes  # the Bind message: its result formats are read only when rows are masked
     types: tuple[tuple[int, int], ...] | None = None
     described: bool = False
+    origins: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def formats(self) -> tuple[int, ...]:
@@ -141,8 +145,8 @@ class SessionMasking:
         self._copy_header = False
         self._row_failed = False
         self._blind = False  # mask every column of the current rows (types unknown)
-        self._described: dict[bytes, tuple[tuple[tuple[int, int], ...], tuple[int, ...]]] = {}
-        self._origins: dict[bytes, ResultPlan | None] = {}
+        # RowDescription body → (types, formats, origins), decoded once
+        self._described: dict[bytes, _Description] = {}
         self.counts: dict[str, int] = {}
         self.statement_masked: tuple[str, ...] = ()  # masked sources of the current result
         self.last_masked: tuple[str, ...] = ()  # those of the result that just ended
@@ -247,34 +251,33 @@ class SessionMasking:
             except RowFormatError:
                 self._row_failed = True  # never forward a row that could not be masked
                 return b""
-        msg = buf[pos:end]
         if t == _CD:
-            return self._mask_copy(msg) if self._copy is not None else None
+            return self._mask_copy(buf[pos:end]) if self._copy is not None else None
         slot = self._slots[0] if self._slots else None
         if t == _T:
-            return self._row_description(slot, msg)
+            return self._row_description(slot, buf[pos + 5 : end])
         if t == _N:
             if slot is not None and slot.kind in ("describe_s", "describe_p"):
                 self._slots.popleft()
-                self._describe_answer(slot, None, ())
+                self._describe_answer(slot, None)
                 return b"" if slot.hidden else None
             return None
         if t in (_C, _I, _S):
-            return self._end_result(slot, msg, t)
+            return self._end_result(slot, t)
         if t == _E:
-            return self._error(slot, msg)
+            return self._error(slot, buf[pos:end])
         if t == _Z:
             self._end_rows()
             while self._slots:
                 done = self._slots.popleft()
                 if done.kind in ("query", "sync", "function"):
                     break
-            if msg[5:6] == b"I":
+            if buf[pos + 5] == _IDLE:
                 for key in [k for k in self._named if k[0] == "cursor"]:
                     del self._named[key]  # cursors end with their transaction
             return None
         if t == _H:
-            return self._copy_out(slot, msg)
+            return self._copy_out(slot, buf[pos + 5 : end])
         return None  # t, c, G: nothing to do
 
     def _current_plan(self, slot: _Slot | None) -> StatementPlan:
@@ -288,75 +291,72 @@ class SessionMasking:
             return self._plan_of(slot.portal.statement)
         return NO_MASKS
 
-    def _row_description(self, slot: _Slot | None, msg: bytes) -> bytes | None:
-        body = msg[5:]
+    def _row_description(self, slot: _Slot | None, body: bytes) -> bytes | None:
         known = self._described.get(body)
         if known is None:
             fields = RowDescription.decode_body(body).fields
             known = (
                 tuple((f.type_oid, f.type_modifier) for f in fields),
                 tuple(f.format for f in fields),
+                tuple((i, f.table_oid, f.column_attr) for i, f in enumerate(fields) if f.table_oid),
             )
             if len(self._described) > 512:
                 self._described.clear()
             self._described[body] = known
-        types, formats = known
+        types, formats, origins = known
         if slot is not None and slot.kind in ("describe_s", "describe_p"):
             self._slots.popleft()
-            self._describe_answer(slot, types, formats)
+            self._describe_answer(slot, types, origins)
             return b"" if slot.hidden else None
         if slot is not None and slot.kind == "query":
-            self._start_rows(self._current_plan(slot), body, types, formats)
+            self._start_rows(self._current_plan(slot), origins, types, formats)
         return None
 
     def _describe_answer(
-        self, slot: _Slot, types: tuple[tuple[int, int], ...] | None, formats: tuple[int, ...]
+        self,
+        slot: _Slot,
+        types: tuple[tuple[int, int], ...] | None,
+        origins: tuple[tuple[int, int, int], ...] = (),
     ) -> None:
-        if slot.kind == "describe_s" and slot.statement is not None:
-            slot.statement.types = types
-            slot.statement.described = True
-        elif slot.portal is not None:
-            slot.portal.types = types
-            slot.portal.described = True
+        described: _Statement | _Portal | None = (
+            slot.statement if slot.kind == "describe_s" else slot.portal
+        )
+        if described is not None:
+            described.types = types
+            described.origins = origins
+            described.described = True
 
-    def _with_origins(self, plan: ResultPlan | None, body: bytes) -> ResultPlan | None:
-        """``plan`` with the masks of columns the RowDescription says come from masked
-        columns (a safety net under the lineage analysis)."""
-        key = body
-        cached = self._origins.get(key, _MISSING)
-        if cached is _MISSING:
-            fields = RowDescription.decode_body(body).fields
-            found = [
-                self.origin(f.table_oid, f.column_attr) if f.table_oid else None for f in fields
-            ]
-            extra: ResultPlan | None = None
-            if any(found):
-                extra = ResultPlan(tuple(found), None)
-            if len(self._origins) > 512:
-                self._origins.clear()
-            self._origins[key] = extra
-            cached = extra
-        extra = cached  # type: ignore[assignment]
-        if extra is None:
+    def _with_origins(
+        self, plan: ResultPlan | None, origins: tuple[tuple[int, int, int], ...], width: int
+    ) -> ResultPlan | None:
+        """``plan`` with the masks of columns the RowDescription says come straight from a
+        masked column (``origins``: index, table oid, attribute number): a safety net under
+        the lineage analysis. The planner answers from a cache it renews with the policy."""
+        found: list[ColumnMask | None] | None = None
+        for i, table_oid, attnum in origins:
+            mask = self.origin(table_oid, attnum)
+            if mask is not None:
+                if found is None:
+                    found = [None] * width
+                found[i] = mask
+        if found is None:
             return plan
-        if plan is None:
-            return extra
-        assert extra.columns is not None
-        merged = tuple(plan.mask_at(i) or extra.columns[i] for i in range(len(extra.columns)))
-        return ResultPlan(merged, plan.rest)
+        if plan is not None:
+            found = [plan.mask_at(i) or found[i] for i in range(width)]
+        return ResultPlan(tuple(found), None if plan is None else plan.rest)
 
     def _start_rows(
         self,
         plan: StatementPlan,
-        body: bytes | None,
+        origins: tuple[tuple[int, int, int], ...],
         types: tuple[tuple[int, int], ...],
         formats: tuple[int, ...],
     ) -> None:
         result = self._result(plan)
         if plan.width is not None and plan.width != len(types):
             result = OPAQUE_RESULT  # not the shape the analysis expected: a stale catalog
-        if body is not None:
-            result = self._with_origins(result, body)
+        if origins:
+            result = self._with_origins(result, origins, len(types))
         if result is None:
             self._end_rows()
             return
@@ -387,18 +387,17 @@ class SessionMasking:
             self._blind = True
             return
         plan = self._plan_of(portal.statement)
-        result = self._result(plan)
-        if result is None:
-            return
-        types = portal.types if portal.described else portal.statement.types
+        described = portal if portal.described else portal.statement
+        types = described.types
         if types is None:
-            # Never described (should not happen: a Describe was slipped in): every
-            # column is sent as NULL.
-            self._blind = True
+            if self._result(plan) is not None:
+                # Never described (should not happen: a Describe was slipped in): every
+                # column is sent as NULL.
+                self._blind = True
             return
-        self._start_rows(plan, None, types, _formats(portal.formats, len(types)))
+        self._start_rows(plan, described.origins, types, _formats(portal.formats, len(types)))
 
-    def _end_result(self, slot: _Slot | None, msg: bytes, t: int) -> bytes | None:
+    def _end_result(self, slot: _Slot | None, t: int) -> bytes | None:
         failed = self._row_failed
         self._row_failed = False
         self.last_masked = self.statement_masked
@@ -432,12 +431,11 @@ class SessionMasking:
             return None
         return _scrub(msg)
 
-    def _copy_out(self, slot: _Slot | None, msg: bytes) -> bytes | None:
+    def _copy_out(self, slot: _Slot | None, body: bytes) -> bytes | None:
         plan = self._current_plan(slot)
         result = self._result(plan)
         if result is None:
             return None
-        body = msg[5:]
         overall = body[0]
         width = _I16.unpack_from(body, 1)[0]
         rows = self.cache.copy_rows(result, width, overall)
@@ -473,7 +471,6 @@ class SessionMasking:
         return counts
 
 
-_MISSING: object = object()
 _UNCERTAIN_PLAN = StatementPlan(result=OPAQUE_RESULT, returns_rows=True, scrub_errors=True)
 
 

@@ -40,6 +40,13 @@ _PLAIN_TEXT = re.compile(r"[\w\s,.*=()<>+\-/;]*\Z", re.ASCII)
 _NUMBER = re.compile(r"\b\d+(?:\.\d*)?(?:[eE][-+]?\d+)?\b", re.ASCII)
 
 
+def literal_free(sql: str) -> str | None:
+    """``sql`` with its numbers replaced by ``?`` when it holds no string, quoted name, cast or
+    parameter (then two texts with the same key differ only in numbers, which change neither
+    the analysis nor the lineage); None otherwise."""
+    return _NUMBER.sub("?", sql) if _PLAIN_TEXT.match(sql) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Judgement:
     """What the guard decided for one Query/Parse, for the relay and the audit trail."""
@@ -212,8 +219,9 @@ class SessionGuard:
             self._plain.clear()
             self._decided_epoch = self.state.epoch[0]
         plain_key = None
-        if not self.pending_paths and _PLAIN_TEXT.match(sql):
-            plain_key = _NUMBER.sub("?", sql)
+        if not self.pending_paths:
+            plain_key = literal_free(sql)
+        if plain_key is not None:
             known = self._plain.get(plain_key)
             if known is not None:
                 return known

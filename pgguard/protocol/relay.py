@@ -505,7 +505,6 @@ class RelayCore:
                 )
                 if replacement is not None:
                     msg = replacement
-            limited: bytes | None = None
             if self.max_rows is not None and t in _ROW_LIMIT_TYPES and msg != b"":
                 limited = self._limit_rows(t, buf[pos:end] if msg is None else msg)
                 if limited is not None:
@@ -523,14 +522,6 @@ class RelayCore:
                     out = []
                 out.append(buf[prev:pos])
                 prev = end
-                continue
-            if self.max_rows is not None and limited is None and t in (_D, _C):
-                if msg is not None:
-                    if out is None:
-                        out = []
-                    out.append(buf[prev:pos])
-                    out.append(msg)
-                    prev = end
                 continue
             if t == _Z:
                 self.status = _STATUS[buf[pos + 5]]

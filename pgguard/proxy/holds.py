@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pgguard.approvals.model import ApprovalRequest
 from pgguard.audit.text import fingerprint, redact_secrets
@@ -186,13 +186,3 @@ def verdict_for(request: ApprovalRequest) -> Refusal | None:
     if request.status == "expired":
         return Refusal(request.rule, f"request {request.id} expired without a decision")
     return Refusal(request.rule, f"request {request.id} was withdrawn", "57014")
-
-
-def describe(request: ApprovalRequest) -> dict[str, Any]:
-    """Audit fields of a request."""
-    return {
-        "approval_id": request.id,
-        "rule": request.rule,
-        "statement": request.statement,
-        "prompt_id": request.prompt_id,
-    }

@@ -388,3 +388,29 @@ def test_statements_prepared_before_masking_started_are_masked() -> None:
         + READY
     )
     assert rows_of(back) == [(b"1", b"a****@example.com")]
+
+
+def test_row_description_origins_apply_to_executes_too() -> None:
+    """The safety net under the lineage analysis: a portal described by the client carries
+    its fields' table OIDs, and a column straight from a masked one is masked on Execute."""
+
+    def origin(table_oid: int, attnum: int) -> ColumnMask | None:
+        return EMAIL_MASK if (table_oid, attnum) == (500, 2) else None
+
+    core, _ = make({}, origin)
+    core.from_client(
+        m.Parse("", "select * from customers", ()).encode()
+        + m.Bind("", "", (), (), ()).encode()
+        + m.Describe(b"P", "").encode()
+        + m.Execute("", 0).encode()
+        + m.Sync().encode()
+    )
+    out = core.from_server(
+        m.ParseComplete().encode()
+        + m.BindComplete().encode()
+        + row_description(INT4, TEXT, table_oid=500)
+        + data_row(b"1", EMAIL.encode())
+        + complete()
+        + READY
+    )
+    assert rows_of(out) == [(b"1", b"a****@example.com")]

@@ -80,8 +80,8 @@ def test_extended_protocol_hold_keeps_the_pipeline_in_order() -> None:
     assert len(held) == 2
 
 
-def test_prepared_statement_is_held_again_at_each_bind() -> None:
-    core = RelayCore(1 << 20, hook)  # no on_hold yet: Parse is refused as before
+def test_parse_is_refused_where_statements_cannot_be_held() -> None:
+    core = RelayCore(1 << 20, hook)  # no on_hold: a require_approval statement is refused
     parse = m.Parse("s1", WRITE, ()).encode() + m.Sync().encode()
     sent = core.from_client(parse)
     assert WRITE.encode() not in sent
