@@ -124,6 +124,10 @@ class AuditSettings(_Section):
     mode: Literal["strict", "buffered"] = "strict"
     instance_id: str | None = None  # default: host:port:worker; names this process's chain
     strict_timeout: Duration = 5.0  # strict mode: longest a result waits for its record
+    queue_size: int = Field(10000, ge=1)  # records waiting to be written, at most
+    max_param_bytes: int = Field(1024, ge=0)  # a longer Bind parameter is cut (and says so)
+    redact_literals: bool = False  # statement texts keep no literal values
+    redact_params: bool = False  # Bind parameters are recorded as ***
 
 
 class RecordingSettings(_Section):

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from pgguard.audit.records import AuditRecord, storable, with_link
+from pgguard.audit.records import AuditRecord, format_ts, storable, with_link
 
 ZERO_HASH = "0" * 64
 
@@ -47,9 +47,7 @@ BreakKind = Literal["edited", "deleted", "inserted", "reordered"]
 
 def canonical(record: AuditRecord) -> bytes:
     """The bytes a record's hash covers: its JSON form without ``hash``, canonicalised."""
-    data = record.to_json()
-    del data["hash"]
-    return _dumps(data)
+    return _dumps(_hashed(record, record.instance_id, record.seq, record.prev_hash))
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -57,6 +55,48 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 
 def _dumps(data: dict[str, object]) -> bytes:
     return _CANONICAL.encode(data).encode("ascii")
+
+
+def _hashed(
+    r: AuditRecord, instance_id: str, seq: int | None, prev_hash: str | None
+) -> dict[str, object]:
+    """:meth:`AuditRecord.to_json` without ``hash`` and with the given link fields; tuples
+    are left as tuples (JSON arrays all the same), so nothing is copied."""
+    return {
+        "event": r.event,
+        "ts": format_ts(r.ts),
+        "instance_id": instance_id,
+        "seq": seq,
+        "session_id": r.session_id,
+        "user": r.user,
+        "email": r.email,
+        "groups": r.groups,
+        "agent": r.agent,
+        "client_addr": r.client_addr,
+        "application_name": r.application_name,
+        "database": r.database,
+        "upstream_role": r.upstream_role,
+        "prompt_id": r.prompt_id,
+        "prompt_source": r.prompt_source,
+        "protocol": r.protocol,
+        "statement_name": r.statement_name,
+        "portal": r.portal,
+        "statement": r.statement,
+        "fingerprint": r.fingerprint,
+        "params": r.params,
+        "class": r.class_,
+        "command": r.command,
+        "objects": r.objects,
+        "decision": r.decision,
+        "rule": r.rule,
+        "approval_id": r.approval_id,
+        "masked_columns": r.masked_columns,
+        "rows": r.rows,
+        "sqlstate": r.sqlstate,
+        "duration_ms": r.duration_ms,
+        "prev_hash": prev_hash,
+        "extra": r.extra,
+    }
 
 
 def compute_hash(record: AuditRecord) -> str:
@@ -80,13 +120,8 @@ def seal(record: AuditRecord, instance_id: str, seq: int, prev_hash: str) -> Aud
     """``record`` as link ``seq`` of ``instance_id``'s chain, after ``prev_hash``; made
     :func:`~pgguard.audit.records.storable` first, so that it survives any store unchanged."""
     record = storable(record)
-    data = record.to_json()
-    data["instance_id"] = instance_id
-    data["seq"] = seq
-    data["prev_hash"] = prev_hash
-    del data["hash"]
     h = hashlib.sha256(prev_hash.encode("ascii"))
-    h.update(_dumps(data))
+    h.update(_dumps(_hashed(record, instance_id, seq, prev_hash)))
     return with_link(record, instance_id, seq, prev_hash, h.hexdigest())
 
 

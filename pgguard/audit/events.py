@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from pgguard.audit.records import AuditRecord, EventKind, PromptSource
-from pgguard.audit.text import encode_params, fingerprint, prompt_id_from_comment, redact_secrets
+from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PromptSource
+from pgguard.audit.text import (
+    encode_params,
+    fingerprint,
+    prompt_id_from_comment,
+    redact_literals,
+    redact_secrets,
+)
 from pgguard.identity import Identity
 from pgguard.policy.facts import StatementFacts
+from pgguard.policy.guard import literal_free
 from pgguard.protocol.statements import StatementRun
 
 _REFUSAL = re.compile(r"^pgguard: ([^:]+): ")
@@ -80,39 +88,86 @@ class SessionContext:
             self.set_prompt_id = None
 
 
-def statement_record(
-    ctx: SessionContext,
-    run: StatementRun,
-    facts: StatementFacts | None,
-    *,
-    audit_only: tuple[str, ...] = (),
-    masked_columns: tuple[str, ...] = (),
-    param_cap: int = 1024,
-) -> AuditRecord:
-    """The record of one statement run."""
-    prompt_id, source = ctx.prompt(run.statement)
-    decision = "allow"
-    rule = None
+def statement_decision(
+    run: StatementRun, audit_only: tuple[str, ...] = ()
+) -> tuple[DecisionKind, str | None]:
+    """The decision and rule a statement's record carries: ``deny`` when pgguard refused it
+    (its 42501 names the rule), ``audit_only`` when such a rule matched, else ``allow``."""
     if run.sqlstate == "42501" and run.error:
         refused = _REFUSAL.match(run.error)
         if refused:
-            decision, rule = "deny", refused.group(1)
-    if decision == "allow" and audit_only:
-        decision, rule = "audit_only", audit_only[0]
-    objects: tuple[str, ...] = ()
-    statement_class = None
-    command = run.command
-    if facts is not None:
-        objects = tuple(dict.fromkeys((*facts.tables, *facts.functions)))
-        statement_class = facts.statement_class
-        command = command or facts.command
+            return "deny", refused.group(1)
+    if audit_only:
+        return "audit_only", audit_only[0]
+    return "allow", None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOptions:
+    """How statement texts and parameters are written (``audit.*``)."""
+
+    param_cap: int = 1024
+    redact_literals: bool = False
+    redact_params: bool = False
+
+
+class Fingerprints:
+    """pglast fingerprints, cached by literal-free text (statements that differ only in
+    numbers share one; pgbench and ORMs send a new literal every time)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._cache: dict[str, str | None] = {}
+
+    def __call__(self, sql: str) -> str | None:
+        key = literal_free(sql)
+        if key is None:
+            return fingerprint(sql)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        value = fingerprint(sql)
+        if len(self._cache) >= self.size:
+            self._cache.clear()
+        self._cache[key] = value
+        return value
+
+
+def statement_record(
+    ctx: SessionContext,
+    run: StatementRun,
+    *,
+    statement_class: str | None = None,
+    objects: tuple[str, ...] = (),
+    command: str | None = None,
+    audit_only: tuple[str, ...] = (),
+    approval_id: str | None = None,
+    options: RecordOptions = RecordOptions(),
+    fingerprints: Callable[[str], str | None] = fingerprint,
+) -> AuditRecord:
+    """The record of one statement run. ``statement_class``, ``objects`` and ``command``
+    come from the guard's analysis (when there is one); ``approval_id`` is the approval the
+    statement ran under."""
+    prompt_id, source = ctx.prompt(run.statement)
+    decision, rule = statement_decision(run, audit_only)
+    if approval_id is not None and decision == "allow":
+        decision = "approved"
     extra: dict[str, object] = {}
     if not run.executed:
         extra["executed"] = False
     if run.error and decision != "deny":
         extra["error"] = run.error[:500]
+    sql = run.statement
+    if literal_free(sql) is None:  # plain texts hold no string, so no secret
+        sql = redact_secrets(sql)
+    if options.redact_literals:
+        sql = redact_literals(sql)
     if run.preview is not None and (run.preview.columns or run.preview.rows):
-        extra["preview"] = run.preview.to_dict()
+        preview = run.preview.to_dict()
+        if sql is not run.statement:
+            preview["statement"] = sql
+        extra["preview"] = preview
     return ctx.base(
         "statement",
         ts=run.started,
@@ -121,17 +176,72 @@ def statement_record(
         protocol=run.protocol if run.protocol in ("simple", "extended") else None,
         statement_name=run.statement_name,
         portal=run.portal,
-        statement=redact_secrets(run.statement),
-        fingerprint=fingerprint(run.statement),
-        params=encode_params(run.params, run.param_formats, param_cap),
+        statement=sql,
+        fingerprint=fingerprints(run.statement),
+        params=encode_params(
+            run.params,
+            run.param_formats,
+            options.param_cap,
+            redact_params=options.redact_params,
+        ),
         class_=statement_class,
-        command=command,
+        command=run.command or command,
         objects=objects,
         decision=decision,
         rule=rule,
-        masked_columns=masked_columns,
+        approval_id=approval_id,
+        masked_columns=run.masked_columns,
         rows=run.rows,
         sqlstate=run.sqlstate,
         duration_ms=run.duration_ms,
         extra=extra,
     )
+
+
+def described(facts: StatementFacts | None) -> tuple[str | None, tuple[str, ...], str | None]:
+    """``(statement_class, objects, command)`` of a statement's facts, for its record."""
+    if facts is None:
+        return None, (), None
+    objects = tuple(dict.fromkeys((*facts.tables, *facts.functions)))
+    return facts.statement_class, objects, facts.command
+
+
+class RecordBuilder:
+    """The writer process's side of the pipe: sessions by id, and their statement records."""
+
+    def __init__(self, options: RecordOptions = RecordOptions()) -> None:
+        self.options = options
+        self.sessions: dict[str, SessionContext] = {}
+        self.fingerprints = Fingerprints()
+
+    def session(self, ctx: SessionContext) -> None:
+        self.sessions[ctx.session_id] = ctx
+
+    def forget(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def statement(
+        self,
+        session_id: str,
+        run: StatementRun,
+        described: tuple[str | None, tuple[str, ...], str | None, tuple[str, ...]],
+        approval_id: str | None,
+    ) -> AuditRecord:
+        """``described`` = ``(statement_class, objects, command, audit_only)``."""
+        ctx = self.sessions.get(session_id)
+        if ctx is None:  # never announced: still recorded, with what is known
+            ctx = SessionContext("", session_id, "")
+            self.sessions[session_id] = ctx
+        ctx.note_statement(run)
+        statement_class, objects, command, audit_only = described
+        return statement_record(
+            ctx,
+            run,
+            statement_class=statement_class,
+            objects=objects,
+            command=command,
+            audit_only=audit_only,
+            approval_id=approval_id,
+            options=self.options,
+            fingerprints=self.fingerprints,
+        )

@@ -323,9 +323,15 @@ def storable(record: AuditRecord) -> AuditRecord:
         value = getattr(record, name)
         if value is None:
             continue
-        if not isinstance(value, str):
+        if type(value) is not str:
             value = str(value)
             changes[name] = value
+        elif (
+            value.isascii()
+            and "\x00" not in value
+            and (len(value) <= INDEXED_FIELD_MAX or name not in _INDEXED_FIELDS)
+        ):
+            continue  # the common case, decided without a copy
         cleaned = clean_str(value)
         if name in _INDEXED_FIELDS:
             cleaned = _cap(cleaned)
@@ -333,14 +339,34 @@ def storable(record: AuditRecord) -> AuditRecord:
             changes[name] = cleaned
     for name in _TUPLE_FIELDS:
         items = getattr(record, name)
-        if any(v is not None and not isinstance(v, str) for v in items):
+        if any(v is not None and type(v) is not str for v in items):
             changes[name] = tuple(v if v is None else str(v) for v in items)
-    if record.extra:
-        plain = json.loads(json.dumps(record.extra, default=str, ensure_ascii=True))
+    extra = record.extra
+    if extra and not (type(extra) is dict and _plain_json(extra)):
+        plain = json.loads(json.dumps(extra, default=str, ensure_ascii=True))
         if not isinstance(plain, dict):
             plain = {"value": plain}
         changes["extra"] = plain
     return replace(record, **changes) if changes else record
+
+
+def _plain_json(value: object, depth: int = 0) -> bool:
+    """Whether ``value`` comes back from a JSON round trip unchanged (and is not too deep)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if depth > 8:
+        return False
+    if kind is list:
+        return all(_plain_json(v, depth + 1) for v in value)  # type: ignore[attr-defined]
+    if kind is dict:
+        return all(
+            type(k) is str and _plain_json(v, depth + 1)
+            for k, v in value.items()  # type: ignore[attr-defined]
+        )
+    return False
 
 
 def decode_extra(text: str | None) -> dict[str, Any]:

@@ -332,6 +332,7 @@ class SqlStore:
             if "connect_timeout" not in u.query:
                 kwargs["connect_args"] = {"connect_timeout": 10}
         self.engine: Engine = create_engine(self.url, **kwargs)
+        self._writer_conn: Any = None  # the writer's own driver connection (see append)
         self._insert = _insert_sql(self.engine.dialect.paramstyle)
         if self.dialect == "sqlite":
             _sqlite_events(self.engine)
@@ -418,14 +419,35 @@ class SqlStore:
             return
         rows = [_row_tuple(r) for r in records]
         try:
-            with self.write_transaction() as conn:
-                # The driver's executemany with a fixed statement: the writer thread's cost
-                # per record matters (it shares the GIL with the relay).
-                conn.exec_driver_sql(self._insert, rows)
-        except IntegrityError:
+            self._append_rows(rows)
+        except self._integrity_errors:
             # Some of them may already be there: a retried batch whose first commit went
             # through. Store the others; a different hash under the same seq is a conflict.
             self._append_missing(records)
+
+    def _append_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """One transaction on the writer's own driver connection, kept open between
+        batches: the pool, SQLAlchemy's transaction objects and events would cost more per
+        commit than the insert itself (group commits in strict mode are small)."""
+        conn = self._writer_conn
+        if conn is None:
+            conn = self._writer_conn = self.engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            try:
+                if self.dialect == "sqlite":
+                    cur.execute("BEGIN IMMEDIATE")
+                cur.executemany(self._insert, rows)
+            finally:
+                cur.close()
+            conn.commit()
+        except BaseException as exc:
+            self._writer_conn = None
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            with contextlib.suppress(Exception):
+                conn.invalidate() if _connection_lost(exc) else conn.close()
+            raise
 
     def _append_missing(self, records: Sequence[AuditRecord]) -> None:
         t = records_table
@@ -603,7 +625,17 @@ class SqlStore:
         with self.read_connection() as conn:
             return int(conn.execute(select(func.count()).select_from(records_table)).scalar() or 0)
 
+    @property
+    def _integrity_errors(self) -> tuple[type[BaseException], ...]:
+        dbapi = self.engine.dialect.dbapi
+        driver_error = getattr(dbapi, "IntegrityError", None) if dbapi is not None else None
+        return (IntegrityError, driver_error) if driver_error is not None else (IntegrityError,)
+
     def close(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
         self.engine.dispose()
 
     def __enter__(self) -> SqlStore:
@@ -616,6 +648,14 @@ class SqlStore:
 def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield list(items[i : i + size])
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether a driver error means the connection itself is gone (not just the statement)."""
+    return getattr(exc, "connection_invalidated", False) or type(exc).__name__ in (
+        "OperationalError",
+        "InterfaceError",
+    )
 
 
 def _sqlite_events(engine: Engine) -> None:

@@ -210,6 +210,51 @@ class AuditWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- without a thread -------------------------------------------------------------------
+
+    def pump(self) -> bool:
+        """Seal and write everything queued, in the calling thread, for a process that runs
+        no writer thread (``start=False``): the audit writer process, whose one thread also
+        reads its input, so no GIL is handed back and forth. Callbacks run in this thread.
+        False if a store failed: the batch is kept and the next call retries it first (wait
+        :attr:`retry_delay` before that)."""
+        if not self._resumed and not self._resume_once():
+            self._grow_delay()
+            return False
+        while True:
+            items: list[_Item] = []
+            with self._lock:
+                if not self._batch:
+                    if not self._queue:
+                        self._idle.notify_all()
+                        return True
+                    take = min(len(self._queue), self.batch_size)
+                    items = [self._queue.popleft() for _ in range(take)]
+            if items:
+                self._seal(items)
+                if not self._batch:
+                    continue
+            if not self._write_batch():
+                self._grow_delay()
+                return False
+
+    @property
+    def pending(self) -> bool:
+        """Records are queued or a batch waits to be written."""
+        return bool(self._queue or self._batch or not self._resumed)
+
+    @property
+    def retry_delay(self) -> float:
+        return self._delay
+
+    def _grow_delay(self) -> None:
+        with self._lock:
+            self._delay = min(self._delay * 2, self.retry_max)
+
+    def give_up(self) -> None:
+        """Without a thread: stop, counting what is left as abandoned (see :meth:`close`)."""
+        self._abandon_all()
+
     # -- the writer thread ------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -243,26 +288,29 @@ class AuditWriter:
 
     def _resume(self) -> bool:
         """Continue the chain from the stores' last link of this instance (False: gave up)."""
-        while True:
-            try:
-                heads = [s.last_link(self.instance_id) for s in self.stores]
-            except Exception as exc:
-                self._failed(exc, "reading the chain head")
-                if not self._backoff():
-                    return False
-                continue
-            known = [h for h in heads if h is not None]
-            head = max(known, key=lambda link: link.seq) if known else None
-            self._chain.resume(head)
-            with self._lock:
-                self._resumed = True
-                if not self.healthy:
-                    self._recovered()
-            if head is not None:
-                log.info(
-                    "audit chain of instance %s continues after seq %d", self.instance_id, head.seq
-                )
-            return True
+        while not self._resume_once():
+            if not self._backoff():
+                return False
+        return True
+
+    def _resume_once(self) -> bool:
+        try:
+            heads = [s.last_link(self.instance_id) for s in self.stores]
+        except Exception as exc:
+            self._failed(exc, "reading the chain head")
+            return False
+        known = [h for h in heads if h is not None]
+        head = max(known, key=lambda link: link.seq) if known else None
+        self._chain.resume(head)
+        with self._lock:
+            self._resumed = True
+            if not self.healthy:
+                self._recovered()
+        if head is not None:
+            log.info(
+                "audit chain of instance %s continues after seq %d", self.instance_id, head.seq
+            )
+        return True
 
     def _seal(self, items: list[_Item]) -> None:
         batch: list[_Item] = []

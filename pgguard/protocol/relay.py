@@ -653,8 +653,8 @@ class RelayCore:
         if t == _C:
             tag = CommandComplete.decode_body(body).tag
             runs = tracker.complete(tag)
-            if runs and self.masking is not None and self.masking.last_masked:
-                runs[-1] = replace(runs[-1], masked_columns=self.masking.last_masked)
+            masked = self.masking.last_masked if self.masking is not None else ()
+            entry = None
             if self._preview is not None and runs:
                 self._preview.finish(tag)
                 entry = self._preview.entries()[-1]
@@ -662,8 +662,9 @@ class RelayCore:
                 if sent is not None and sent > entry.row_count:
                     # Rows past the preview were not decoded: the tag says how many there were.
                     entry = replace(entry, truncated=True, row_count=sent)
-                runs[-1] = replace(runs[-1], preview=entry)
                 self._preview = None
+            if runs and (entry is not None or masked):
+                runs[-1] = runs[-1].with_result(entry, masked or runs[-1].masked_columns)
         elif t == _I:
             runs = tracker.empty()
         elif t == _SUSPENDED:

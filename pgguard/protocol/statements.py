@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pgguard.audit.recording import RecordedStatement
 from pgguard.audit.text import statement_texts
@@ -37,6 +37,64 @@ class StatementRun:
     executed: bool = True
     preview: RecordedStatement | None = None  # the rows the client got (session recording)
     masked_columns: tuple[str, ...] = ()  # source columns masked in its result
+
+    def finished(
+        self,
+        ended: float,
+        command_tag: str | None = None,
+        rows: int | None = None,
+        sqlstate: str | None = None,
+        error: str | None = None,
+        executed: bool = True,
+    ) -> StatementRun:
+        """This run with its outcome."""
+        return self._with(ended, command_tag, rows, sqlstate, error, executed, self.preview)
+
+    def with_result(
+        self, preview: RecordedStatement | None, masked_columns: tuple[str, ...]
+    ) -> StatementRun:
+        """This run with what the client got: its preview and the columns masked in it."""
+        return self._with(
+            self.ended,
+            self.command_tag,
+            self.rows,
+            self.sqlstate,
+            self.error,
+            self.executed,
+            preview,
+            masked_columns,
+        )
+
+    def _with(
+        self,
+        ended: float | None,
+        command_tag: str | None,
+        rows: int | None,
+        sqlstate: str | None,
+        error: str | None,
+        executed: bool,
+        preview: RecordedStatement | None,
+        masked_columns: tuple[str, ...] | None = None,
+    ) -> StatementRun:
+        # Positional construction: dataclasses.replace costs ~10x more (hot path).
+        return StatementRun(
+            self.protocol,
+            self.statement,
+            self.started,
+            self.statement_name,
+            self.portal,
+            self.params,
+            self.param_formats,
+            self.batch,
+            ended,
+            command_tag,
+            rows,
+            sqlstate,
+            error,
+            executed,
+            preview,
+            self.masked_columns if masked_columns is None else masked_columns,
+        )
 
     @property
     def duration_ms(self) -> float | None:
@@ -140,16 +198,16 @@ class StatementTracker:
 
     # ------------------------------------------------------------------ server side
     def complete(self, tag: str) -> list[StatementRun]:
-        return self._finish(command_tag=tag, rows=rows_of(tag))
+        return self._finish(tag, rows_of(tag))
 
     def empty(self) -> list[StatementRun]:
-        return self._finish(command_tag="", rows=0)
+        return self._finish("", 0)
 
     def suspended(self) -> list[StatementRun]:
-        return self._finish(command_tag="SUSPENDED", rows=None)
+        return self._finish("SUSPENDED", None)
 
     def error(self, sqlstate: str, message: str) -> list[StatementRun]:
-        return self._finish(sqlstate=sqlstate, error=message)
+        return self._finish(None, None, sqlstate, message)
 
     def ready(self) -> list[StatementRun]:
         """ReadyForQuery: whatever is left of the batch it ends was not executed."""
@@ -159,17 +217,22 @@ class StatementTracker:
         out = []
         now = self._clock()
         while self._queue and self._queue[0].batch <= batch:
-            out.append(replace(self._queue.popleft(), ended=now, executed=False))
+            out.append(self._queue.popleft().finished(now, executed=False))
         return out
 
-    def _finish(self, **outcome: object) -> list[StatementRun]:
+    def _finish(
+        self,
+        command_tag: str | None,
+        rows: int | None,
+        sqlstate: str | None = None,
+        error: str | None = None,
+    ) -> list[StatementRun]:
         # Only a statement of the batch being answered: an error of a Parse or Bind with no
         # Execute in its batch must not be charged to a later batch's statement.
         if not self._queue or (self._ready and self._queue[0].batch != self._ready[0]):
             return []
         run = self._queue.popleft()
-        finished = replace(run, ended=self._clock(), **outcome)  # type: ignore[arg-type]
-        return [finished]
+        return [run.finished(self._clock(), command_tag, rows, sqlstate, error)]
 
     def pending(self) -> int:
         return len(self._queue)

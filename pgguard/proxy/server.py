@@ -20,15 +20,15 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pgguard.approvals.model import ApprovalRequest
-from pgguard.audit.events import SessionContext, statement_record
+from pgguard.audit.events import SessionContext, described, statement_decision
+from pgguard.audit.link import WriterConfig
 from pgguard.audit.records import AuditRecord
 from pgguard.audit.store import open_stores
 from pgguard.audit.text import encode_params, prompt_id_from_comment
-from pgguard.audit.writer import AuditWriter
 from pgguard.config import Settings
 from pgguard.identity import Identity, TokenError, TokenValidator
 from pgguard.masking.plan import MaskerCache, mask_type_problems
@@ -37,7 +37,6 @@ from pgguard.masking.session import SessionMasking
 from pgguard.metrics import Tally
 from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_from_rows
 from pgguard.policy.engine import limits_for
-from pgguard.policy.facts import StatementFacts
 from pgguard.policy.guard import GuardState, SessionGuard, policy_in_force
 from pgguard.policy.identity_guard import Hold, PromptSync, Refusal
 from pgguard.policy.loader import check_policy_files
@@ -48,6 +47,7 @@ from pgguard.protocol.framing import MessageReader, StartupReader
 from pgguard.protocol.relay import IDLE_TIMEOUT, SHUTTING_DOWN, TOKEN_EXPIRED, Fatal, RelayCore
 from pgguard.protocol.startup import StartupRefused, build_upstream_startup
 from pgguard.protocol.statements import StatementRun, StatementTracker
+from pgguard.proxy.audit_link import AuditLink
 from pgguard.proxy.holds import ApprovalBroker, verdict_for
 
 log = logging.getLogger("pgguard.proxy")
@@ -311,6 +311,8 @@ class Session:
                 extra={"session_id": self.info.session_id, "user": self.info.user},
             )
             self._audit(self.audit_ctx.base("session_end"))
+        if self.audit is not None:
+            self.audit.forget(self.info.session_id)
 
     def finish(self) -> None:
         if not self._done.done():
@@ -867,6 +869,7 @@ class Session:
             )
             if self.audit.mode == "strict":
                 core.gate = self._audit_gate
+            self.audit.session(self.audit_ctx)
             self._audit(self.audit_ctx.base("session_start"))
         leftover = upstream.take_buffered()
         if leftover:
@@ -902,39 +905,31 @@ class Session:
                 self.force_end(Fatal("58030", "pgguard: audit: could not record the statement"))
 
     def _record_runs(self, runs: list[StatementRun]) -> None:
-        assert self.audit is not None
-        strict = self.audit.mode == "strict"
-        loop = asyncio.get_running_loop()
+        audit = self.audit
+        assert audit is not None
+        strict = audit.mode == "strict"
+        session_id = self.info.session_id
         for run in runs:
             self.audit_ctx.note_statement(run)
-            facts: StatementFacts | None = None
+            about: tuple[object, ...] = (None, (), None, ())
             audit_only: tuple[str, ...] = ()
             if self.guard is not None:
                 facts, audit_only = self.guard.describe(run.statement)
-            record = statement_record(
-                self.audit_ctx,
-                run,
-                facts,
-                audit_only=audit_only,
-                masked_columns=run.masked_columns,
-            )
+                about = (*described(facts), audit_only)
+            approval_id = None
             approved = self._approved
             if approved is not None and run.statement.strip() in approved[0]:
                 self._approved = None
-                if record.decision == "allow":
-                    record = replace(record, decision="approved", approval_id=approved[1])
-                else:
-                    record = replace(record, approval_id=approved[1])
-            self.gateway.tally.statement(record.class_, record.decision, record.duration_ms)
+                approval_id = approved[1]
+            decision, _ = statement_decision(run, audit_only)
+            if approval_id is not None and decision == "allow":
+                decision = "approved"
+            self.gateway.tally.statement(about[0], decision, run.duration_ms)  # type: ignore[arg-type]
             if not strict:
-                self.audit.submit(record)
+                audit.statement(session_id, run, about, approval_id)
                 continue
             self._awaiting += 1
-
-            def durable(error: BaseException | None) -> None:
-                loop.call_soon_threadsafe(self._durable, error)
-
-            self.audit.submit(record, durable)
+            audit.statement(session_id, run, about, approval_id, self._durable)
 
     def _audit_stalled(self) -> None:
         """Strict mode: a record is still not durable; the client gets a clear error rather
@@ -1006,7 +1001,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.guard = GuardState(policy_in_force(policy))
-        self.audit: AuditWriter | None = None
+        self.audit: AuditLink | None = None
         self.instance_id = ""
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._catalog_refresh: dict[str, asyncio.Task[None]] = {}
@@ -1304,7 +1299,7 @@ class Gateway:
         finally:
             self.sessions.discard(session)
 
-    def _start_audit(self) -> None:
+    async def _start_audit(self) -> None:
         audit = self.settings.audit
         if audit.instance_id:
             # Each worker writes its own chain: a shared one would fork at the first record.
@@ -1317,9 +1312,29 @@ class Gateway:
             self.instance_id = (
                 f"{socket.gethostname()}:{self.settings.listen.port}:{self.worker_id}"
             )
+        # Opened here first so that a store that cannot work stops pgguard at start-up (and
+        # the schema is created or migrated once); the writer process opens its own.
         stores = open_stores(audit.url, audit.jsonl)
-        if stores:
-            self.audit = AuditWriter(stores, mode=audit.mode, instance_id=self.instance_id)
+        if not stores:
+            return
+        for store in stores:
+            store.close()
+        self.audit = AuditLink(
+            WriterConfig(
+                url=audit.url,
+                jsonl=audit.jsonl,
+                mode=audit.mode,
+                instance_id=self.instance_id,
+                queue_size=audit.queue_size,
+                param_cap=audit.max_param_bytes,
+                redact_literals=audit.redact_literals,
+                redact_params=audit.redact_params,
+                log_level=self.settings.log.level,
+                log_format=self.settings.log.format,
+                worker=self.worker_id if self.settings.workers > 1 else None,
+            )
+        )
+        await self.audit.start()
 
     def _start_approvals(self) -> None:
         """Held statements need the shared store (the audit database): without one,
@@ -1366,7 +1381,7 @@ class Gateway:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self._start_audit()
+        await self._start_audit()
         self._start_approvals()
         listen = self.settings.listen
         if sock is not None:
@@ -1434,7 +1449,7 @@ class Gateway:
             await asyncio.to_thread(self.approvals.notifier.close, min(2.0, remaining(0.1)))
         if self.audit is not None:
             audit = self.audit
-            flushed = await asyncio.to_thread(audit.close, remaining(1.0))
+            flushed = await audit.close(remaining(1.0))
             if not flushed:
                 log.error("audit: %d record(s) could not be written before exit", audit.abandoned)
 

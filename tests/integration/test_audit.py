@@ -394,3 +394,99 @@ def test_comment_prompt_ids_reach_database_triggers(
         ("p-456", "comment"),
         ("p-456", "comment"),
     ]
+
+
+def writer_process(gw: Gateway) -> int:
+    """The pid of the gateway's audit writer process (its child running pgguard.audit.daemon)."""
+    assert gw.proc is not None
+    pid = gw.proc.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"pgguard.audit.daemon" in cmdline:
+                return int(child)
+        time.sleep(0.05)
+    raise AssertionError("no audit writer process")
+
+
+def gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_writer_process_never_outlives_its_gateway(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    gw = audited(make_gateway, tmp_path / "a")
+    writer = writer_process(gw)
+    gw.stop()
+    assert gone(writer), "the audit writer outlived a SIGTERM'd gateway"
+    crashed = audited(make_gateway, tmp_path / "b")
+    writer = writer_process(crashed)
+    assert crashed.proc is not None
+    os.kill(crashed.proc.pid, signal.SIGKILL)
+    crashed.proc.wait(10)
+    assert gone(writer), "the audit writer outlived a killed gateway"
+
+
+def test_a_killed_writer_process_is_replaced_and_nothing_acknowledged_is_lost(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = audited(make_gateway, tmp_path)
+    acknowledged: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                with psycopg.connect(gw.dsn(f"w{n}"), autocommit=True) as conn:
+                    while not stop.is_set():
+                        text = f"select {n * 100000 + i}"
+                        i += 1
+                        conn.execute(text.encode())
+                        acknowledged.append(text)
+            except psycopg.Error as exc:
+                failures.append(str(exc))
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    first = writer_process(gw)
+    os.kill(first, signal.SIGKILL)
+    before = len(acknowledged)
+    time.sleep(4.0)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    assert failures and all("audit" in f for f in failures), failures[:3]
+    assert len(acknowledged) > before + 20, "statements did not succeed again"
+    assert writer_process(gw) != first
+    gw.stop()
+    stored = {r.statement for r in records(gw, event="statement")}
+    missing = [text for text in acknowledged if text not in stored]
+    assert missing == [], f"{len(missing)} acknowledged statements have no record"
+    verify = subprocess.run(
+        [PGGUARD, "audit", "verify", "--config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stdout

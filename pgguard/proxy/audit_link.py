@@ -1,0 +1,342 @@
+"""The gateway's end of the audit pipe: it starts the writer process (:mod:`pgguard.audit.daemon`)
+and hands it events, a frame per event-loop turn.
+
+The relay's cost per statement is a tuple appended to a list; everything else (records,
+hashes, stores) runs in the writer process. Strict mode: ``on_durable`` is called on the
+event loop once the writer reports the record committed (or failed). The link is bounded:
+while the writer is not keeping up (``queue_size`` events unsent, or the socket's buffer
+full), a strict record fails at once and a buffered one is dropped and counted.
+
+If the writer process dies, every waiting statement fails (its result is not released), the
+link reports the store unhealthy, and a new writer starts a second later and gets the
+configuration and the live sessions again; its chain continues from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from pgguard.audit import link
+from pgguard.audit.events import SessionContext
+from pgguard.audit.records import AuditRecord
+from pgguard.audit.writer import AuditClosed, AuditQueueFull, AuditUnavailable
+from pgguard.protocol.statements import StatementRun
+
+log = logging.getLogger("pgguard.audit")
+
+DurableCallback = Callable[[BaseException | None], None]
+_RESPAWN_DELAY_S = 1.0
+_BUFFERED_FLUSH_S = 0.05
+_SOCKET_BUFFER_LIMIT = 32 * 1024 * 1024  # bytes written and not yet read by the writer
+
+
+class AuditLink(asyncio.Protocol):
+    """Hands audit events to a writer process; the surface the gateway uses."""
+
+    def __init__(self, config: link.WriterConfig) -> None:
+        self.config = config
+        self.mode = config.mode
+        self.instance_id = config.instance_id
+        self.status = link.WriterStatus()
+        self.tickets = link.TicketBook()
+        self.sessions: dict[str, tuple[Any, ...]] = {}  # live sessions, re-sent to a new writer
+        self.dropped_here = 0  # events this side could not hand over
+        self._out: list[Any] = []
+        self._scheduled = False
+        self._transport: asyncio.Transport | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._reader = link.FrameReader()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._closed: asyncio.Future[link.WriterStatus] | None = None
+        self._respawn: asyncio.TimerHandle | None = None
+        self._link_error: str | None = None
+
+    # -- what the gateway reads ---------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._link_error is None and self.status.healthy
+
+    @property
+    def last_error(self) -> BaseException | None:
+        text = self._link_error or self.status.last_error
+        return None if text is None else AuditUnavailable(text)
+
+    @property
+    def depth(self) -> int:
+        return self.status.depth + len(self._out)
+
+    @property
+    def errors(self) -> int:
+        return self.status.errors
+
+    @property
+    def dropped(self) -> int:
+        return self.status.dropped + self.dropped_here
+
+    @property
+    def abandoned(self) -> int:
+        return self.status.abandoned
+
+    @property
+    def written(self) -> int:
+        return self.status.written
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # -- starting ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        assert self._loop is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pgguard.audit.daemon",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._reader = link.FrameReader()
+        await self._loop.create_unix_connection(lambda: self, sock=ours)
+        log.debug("audit writer process %d started", self._process.pid)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._transport = transport
+        first: list[Any] = [(link.CONFIG, self.config)]
+        first.extend((link.SESSION, wire) for wire in self.sessions.values())
+        transport.write(link.encode_frame(first))
+        self._link_error = None
+        if self._out:
+            self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._process is not None:
+            self._process.poll()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(self.status)
+        failed = self.tickets.take_all()
+        if self._closing:
+            error: BaseException = AuditClosed("pgguard: the audit trail is closed")
+        else:
+            code = self._process.returncode if self._process is not None else None
+            self._link_error = f"the audit writer process exited (status {code})"
+            log.error("audit: %s; starting another", self._link_error)
+            error = AuditUnavailable(f"pgguard: {self._link_error}")
+            if self._loop is not None:
+                self._respawn = self._loop.call_later(_RESPAWN_DELAY_S, self._start_again)
+        for callback in failed:
+            _call(callback, error)
+
+    def _start_again(self) -> None:
+        self._respawn = None
+        if self._closing or self._loop is None:
+            return
+        task = self._loop.create_task(self._spawn())
+        task.add_done_callback(_log_failure)
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except link.LinkError as exc:
+            log.error("audit: %s", exc)
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        for message in messages:
+            kind = message[0]
+            if kind == link.DURABLE:
+                for callback in self.tickets.take(message[1]):
+                    _call(callback, None)
+            elif kind == link.FAILED:
+                error = AuditUnavailable(f"pgguard: audit store unavailable: {message[2]}")
+                self.status = _unhealthy(self.status, message[2])
+                for callback in self.tickets.take(message[1]):
+                    _call(callback, error)
+            elif kind == link.STATUS:
+                self.status = link.WriterStatus.from_wire(message[1])
+            elif kind == link.CLOSED:
+                self.status = link.WriterStatus.from_wire(message[1])
+                if self._closed is not None and not self._closed.done():
+                    self._closed.set_result(self.status)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def session(self, ctx: SessionContext) -> None:
+        """A session's shared fields, before its first statement."""
+        wire = link.context_to_wire(ctx)
+        self.sessions[ctx.session_id] = wire
+        self._send((link.SESSION, wire))
+
+    def forget(self, session_id: str) -> None:
+        """The session ended (after its last record)."""
+        if self.sessions.pop(session_id, None) is not None:
+            self._send((link.FORGET, session_id))
+
+    def submit(self, record: AuditRecord, on_durable: DurableCallback | None = None) -> None:
+        """A whole record (session start/end, auth failures, reloads, approvals)."""
+        ticket = self._ticket(on_durable)
+        if ticket >= 0:
+            self._send((link.RECORD, ticket, record))
+
+    def statement(
+        self,
+        session_id: str,
+        run: StatementRun,
+        described: tuple[Any, ...],
+        approval_id: str | None,
+        on_durable: DurableCallback | None = None,
+    ) -> None:
+        """One statement run; its record is built by the writer. ``described`` is
+        ``(statement_class, objects, command, audit_only)``."""
+        ticket = self._ticket(on_durable)
+        if ticket >= 0:
+            wire = link.run_to_wire(run)
+            self._send((link.STATEMENT, ticket, session_id, wire, described, approval_id))
+
+    def _ticket(self, on_durable: DurableCallback | None) -> int:
+        """0 (no answer wanted), a ticket, or -1 if the event is refused here."""
+        if self._closing:
+            self._answer(on_durable, AuditClosed("pgguard: the audit trail is closed"))
+            self.dropped_here += 1
+            return -1
+        if len(self._out) >= self.config.queue_size or self._backlogged():
+            self.dropped_here += 1
+            if self.dropped_here & (self.dropped_here - 1) == 0:
+                log.warning("audit: writer not keeping up, %d event(s) dropped", self.dropped_here)
+            self._answer(on_durable, AuditQueueFull("pgguard: the audit queue is full"))
+            return -1
+        if on_durable is None or self.mode != "strict":
+            self._answer(on_durable, None)  # buffered: never waits
+            return 0
+        return self.tickets.issue(on_durable)
+
+    def _answer(self, on_durable: DurableCallback | None, error: BaseException | None) -> None:
+        """Answer at once, but never from inside the caller (the relay is mid-message)."""
+        if on_durable is None:
+            return
+        if self._loop is not None:
+            self._loop.call_soon(_call, on_durable, error)
+        else:
+            _call(on_durable, error)
+
+    def _backlogged(self) -> bool:
+        t = self._transport
+        return t is not None and t.get_write_buffer_size() > _SOCKET_BUFFER_LIMIT
+
+    def _send(self, message: Any) -> None:
+        self._out.append(message)
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            if self.mode == "strict":
+                self._loop.call_soon(self._flush)  # a statement waits for this one
+            else:
+                # Nobody waits: one write (and one wake-up of the writer) per interval.
+                self._loop.call_later(_BUFFERED_FLUSH_S, self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._transport is None or not self._out:
+            return
+        out, self._out = self._out, []
+        self._transport.write(link.encode_frame(out))
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def close(self, timeout: float = 30.0) -> bool:
+        """Write everything sent so far and stop the writer process; True if nothing was
+        left unwritten."""
+        if self._respawn is not None:
+            self._respawn.cancel()
+            self._respawn = None
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        if self._transport is None and self._out and not self._closing:
+            # between writers: give the next one a moment to take what is queued
+            await self._spawn_now(deadline)
+        self._closing = True
+        self._flush()
+        ok = True
+        if self._transport is not None:
+            self._closed = loop.create_future()
+            self._transport.write(
+                link.encode_frame([(link.CLOSE, max(0.1, deadline - time.monotonic() - 0.5))])
+            )
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._closed), max(0.2, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                ok = False
+                log.error("audit writer did not finish within %.1f s", timeout)
+            if self._transport is not None:
+                self._transport.close()
+        elif self._out:
+            ok = False
+        proc = self._process
+        if proc is not None:
+            end = time.monotonic() + 2.0
+            while proc.poll() is None and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            if proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        left = len(self._out) + len(self.tickets)
+        for callback in self.tickets.take_all():
+            _call(callback, AuditClosed("pgguard: the audit trail closed"))
+        return ok and left == 0 and self.status.abandoned == 0
+
+    async def _spawn_now(self, deadline: float) -> None:
+        try:
+            await asyncio.wait_for(self._spawn(), max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            log.error("audit: cannot start a writer to flush: %s", exc)
+
+
+def _unhealthy(status: link.WriterStatus, message: str) -> link.WriterStatus:
+    return link.WriterStatus(
+        False,
+        status.depth,
+        status.written,
+        status.errors,
+        status.dropped,
+        status.abandoned,
+        message,
+    )
+
+
+def _call(callback: DurableCallback, error: BaseException | None) -> None:
+    try:
+        callback(error)
+    except Exception:
+        log.exception("audit on_durable callback failed")
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("audit: cannot start the writer process: %s", task.exception())
