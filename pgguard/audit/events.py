@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PromptSource
+from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PlainExtra, PromptSource
 from pgguard.audit.text import (
     encode_params,
     fingerprint,
@@ -153,7 +153,7 @@ def statement_record(
     decision, rule = statement_decision(run, audit_only)
     if approval_id is not None and decision == "allow":
         decision = "approved"
-    extra: dict[str, object] = {}
+    extra = PlainExtra()  # str keys, JSON values: see its docstring
     if not run.executed:
         extra["executed"] = False
     if run.error and decision != "deny":

@@ -342,12 +342,20 @@ def storable(record: AuditRecord) -> AuditRecord:
         if any(v is not None and type(v) is not str for v in items):
             changes[name] = tuple(v if v is None else str(v) for v in items)
     extra = record.extra
-    if extra and not (type(extra) is dict and _plain_json(extra)):
+    if extra and type(extra) is not PlainExtra and not (type(extra) is dict and _plain_json(extra)):
         plain = json.loads(json.dumps(extra, default=str, ensure_ascii=True))
         if not isinstance(plain, dict):
             plain = {"value": plain}
         changes["extra"] = plain
     return replace(record, **changes) if changes else record
+
+
+class PlainExtra(dict[str, Any]):
+    """An ``extra`` built by pgguard's own record builder out of str keys and JSON values
+    only, so :func:`storable` need not check it (the check is a recursive walk over, e.g.,
+    every cell of a session-recording preview, on the writer's hot path)."""
+
+    __slots__ = ()
 
 
 def _plain_json(value: object, depth: int = 0) -> bool:

@@ -228,7 +228,7 @@ def _row_tuple(r: AuditRecord) -> tuple[Any, ...]:
         r.duration_ms,
         r.prev_hash,
         r.hash,
-        _dumps(dict(r.extra)) if r.extra else None,
+        _dumps(r.extra) if r.extra else None,
     )
 
 
