@@ -19,7 +19,10 @@ forking, which points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory (removed
 Each worker then writes its values to files there (prometheus-client's multiprocess mode), and
 ``/metrics`` on any worker reports the totals across workers (:meth:`Metrics.exposition`).
 Gauges use ``livesum``: the sum over the workers still alive (the parent calls
-:func:`worker_exited` when one ends).
+:func:`worker_exited` when one ends, before it starts a replacement); the policy reload gauge
+uses ``livemax`` (1 if any live worker's last reload failed). Counters and the histogram of a
+worker that ended stay in the totals: its files are kept, and its replacement (a new pid)
+writes files of its own.
 """
 
 from __future__ import annotations
@@ -208,6 +211,19 @@ SPEC_METRICS: Final[tuple[MetricSpec, ...]] = (
     ),
 )
 
+#: Metrics beyond the SPEC §7 set.
+EXTRA_METRICS: Final[tuple[MetricSpec, ...]] = (
+    MetricSpec(
+        "pgguard_policy_reload_failed",
+        "gauge",
+        (),
+        "1 while the last policy reload failed (the previous policy stays in force), else 0.",
+    ),
+)
+
+#: Every metric pgguard registers.
+ALL_METRICS: Final[tuple[MetricSpec, ...]] = SPEC_METRICS + EXTRA_METRICS
+
 _CONNECTION_RESULTS = frozenset(CONNECTION_RESULTS)
 _AUTH_REASONS = frozenset(AUTH_FAILURE_REASONS)
 _CLASSES = frozenset(STATEMENT_CLASSES)
@@ -304,7 +320,7 @@ def _select_value_class() -> None:
 
 
 class Metrics:
-    """The SPEC §7 metrics, registered in their own registry."""
+    """Every metric (the SPEC §7 set and :data:`EXTRA_METRICS`), in their own registry."""
 
     def __init__(self) -> None:
         _select_value_class()
@@ -313,7 +329,7 @@ class Metrics:
         self.multiprocess_dir = multiprocess_dir()
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
-        spec = {m.name: m for m in SPEC_METRICS}
+        spec = {m.name: m for m in ALL_METRICS}
 
         def counter(name: str) -> Counter:
             s = spec[name]
@@ -337,6 +353,12 @@ class Metrics:
         self.audit_write_errors = counter("pgguard_audit_write_errors_total")
         self.upstream_errors = counter("pgguard_upstream_errors_total")
         self.bytes = counter("pgguard_bytes_total")
+        s = spec["pgguard_policy_reload_failed"]
+        # livemax: with several workers, 1 when any live worker runs on after a failed reload
+        # (a sum would count workers, not the state).
+        self.policy_reload_failed = Gauge(
+            s.name, s.help, s.labels, registry=reg, multiprocess_mode="livemax"
+        )
         # Every series of a closed label set exists from the start (at 0).
         for result in CONNECTION_RESULTS:
             self.connections.labels(result)
@@ -382,6 +404,9 @@ class GatewayView(Protocol):
 
     @property
     def audit(self) -> AuditView | None: ...
+
+    @property
+    def policy_error(self) -> str | None: ...
 
 
 class MetricsCollector:
@@ -447,6 +472,7 @@ class MetricsCollector:
         m.audit_queue_depth.set(audit.depth if audit is not None else 0)
         m.client_connections.set(len(gw.sessions))
         m.approvals_pending.set(tally.approvals_pending)
+        m.policy_reload_failed.set(0 if gw.policy_error is None else 1)
 
     def exposition(self) -> bytes:
         """Fold, then the text format."""
@@ -492,7 +518,9 @@ def start_multiprocess() -> str:
 
 
 def worker_exited(pid: int) -> None:
-    """Serving parent: a worker ended; its live gauges no longer count."""
+    """Serving parent: a worker ended; its live gauges no longer count (its counters and
+    histogram still do). Call it before starting a replacement, so a reused pid starts with
+    fresh gauges."""
     path = multiprocess_dir()
     if path is not None:
         try:

@@ -42,6 +42,22 @@ class SessionContext:
     user: str | None = None  # the startup user, before (or without) a valid token
     startup_prompt_id: str | None = None
     set_prompt_id: str | None = None
+    refused_batch: tuple[int, str] | None = None  # (batch, rule) of the last refusal
+
+    def decision(
+        self, run: StatementRun, audit_only: tuple[str, ...] = ()
+    ) -> tuple[DecisionKind, str | None]:
+        """:func:`statement_decision`, and for the statements a refusal kept from running
+        (the rest of a refused multi-statement Query, which runs as a unit) ``deny`` with
+        the same rule: pgguard, not the server, stopped them."""
+        decision, rule = statement_decision(run, audit_only)
+        if decision == "deny" and rule is not None:
+            self.refused_batch = (run.batch, rule)
+        elif not run.executed and self.refused_batch is not None:
+            batch, refused_rule = self.refused_batch
+            if batch == run.batch:
+                return "deny", refused_rule
+        return decision, rule
 
     def base(self, event: EventKind, **fields: object) -> AuditRecord:
         ident = self.identity
@@ -150,7 +166,7 @@ def statement_record(
     come from the guard's analysis (when there is one); ``approval_id`` is the approval the
     statement ran under."""
     prompt_id, source = ctx.prompt(run.statement)
-    decision, rule = statement_decision(run, audit_only)
+    decision, rule = ctx.decision(run, audit_only)
     if approval_id is not None and decision == "allow":
         decision = "approved"
     extra = PlainExtra()  # str keys, JSON values: see its docstring

@@ -306,6 +306,31 @@ class SessionGuard:
             audit_only = self._decide(self.state.policy, facts).audit_only_rules
         return facts[0], audit_only
 
+    def statement_kinds(self, sql: str) -> tuple[tuple[str, bool], ...] | None:
+        """Each statement's class and whether an audit_only rule matched it, for the
+        statement metrics, from the caches its judgement filled; None when no policy is in
+        force (nothing was analysed, and the metrics must not pay for an analysis)."""
+        policy = self.state.policy
+        if policy is None:
+            return None
+        known = None
+        if not self.pending_paths:
+            key = literal_free(sql)
+            known = self._plain.get(key) if key is not None else None
+        if known is not None and known.decision is not None:
+            facts, decision = known.facts, known.decision
+        else:
+            try:
+                facts = self._analyse(self.search_path, sql)
+            except AnalysisError:
+                return None
+            decision = self._decide(policy, facts)
+        per_statement = decision.statements or (decision,)
+        return tuple(
+            (f.statement_class, bool(d.audit_only_rules))
+            for f, d in zip(facts, per_statement, strict=False)
+        )
+
     def search_path_confirmed(self, setting: str, in_transaction: bool = False) -> None:
         """The server reports the session's search_path: judge with it from now on. Inside a
         transaction block a rollback could still restore the previous path, so that one

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
@@ -64,6 +65,11 @@ _TRACKED_REPLIES = frozenset(_TRACK_SERVER)
 
 # Called with the statements whose outcome just became known.
 RunsCallback = Callable[[list[StatementRun]], None]
+# The statement metrics without the tracker: at the ReadyForQuery that ends a request, called
+# with the SQL of each Query and executing Bind in it and the final verdict on it, and the
+# request's duration in seconds (see ``RelayCore.count_statements``).
+Counted = tuple[bytes, Refusal | None]
+CountedCallback = Callable[[list[Counted], float], None]
 _ROW_LIMIT_TYPES = frozenset((_D, _C, _E, _Z))
 _JUDGED = frozenset((_Q, _P, _B))  # client messages whose SQL the hook judges
 _COUNTED = frozenset((_S, _F))  # client messages answered by a ReadyForQuery
@@ -82,6 +88,10 @@ InternalCallback = Callable[[list[tuple[str | None, ...]], str | None], None]
 _LEN = struct.Struct("!I")
 _UNSEEN = object()
 _VERDICT_CACHE = 4096
+
+
+def _no_clock() -> float:
+    return 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +115,7 @@ class RelayCore:
 
     __slots__ = (
         "_client",
+        "_clock",
         "_epoch_seen",
         "_extra_server",
         "_held_bytes",
@@ -116,12 +127,15 @@ class RelayCore:
         "_internal_queue",
         "_internal_rows",
         "_marker",
+        "_noted",
+        "_noted_at",
         "_over",
         "_overrides",
         "_preview",
         "_preview_count",
         "_preview_limits",
         "_refusals",
+        "_requests",
         "_rows",
         "_seq",
         "_server",
@@ -138,6 +152,7 @@ class RelayCore:
         "masking",
         "masking_wanted",
         "max_rows",
+        "on_counted",
         "on_hold",
         "on_runs",
         "pending",
@@ -205,6 +220,14 @@ class RelayCore:
         self.masking: SessionMasking | None = None
         self.masking_wanted: SessionMasking | None = None  # enabled at the next idle point
         self._extra_server = b""  # server types intercepted for masking
+        # Statement counting (metrics without the tracker): the statements of the request
+        # being sent and when it started, then one entry per request awaiting its
+        # ReadyForQuery (None: it ran no statement), in step with ``pending``.
+        self.on_counted: CountedCallback | None = None
+        self._clock: Callable[[], float] = _no_clock
+        self._noted: list[Counted] = []
+        self._noted_at = 0.0
+        self._requests: deque[tuple[float, list[Counted]] | None] = deque()
 
     def enable_masking(self, masking: SessionMasking) -> None:
         """Mask result rows from now on (the identity has masks). Every DataRow and CopyData
@@ -273,7 +296,7 @@ class RelayCore:
             t = buf[pos]
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
             refusal: Refusal | None = None
-            if self.hook is not None and t in _JUDGED:
+            if t in _JUDGED and (self.hook is not None or self.on_counted is not None):
                 sql = self._sql_of(t, buf, pos, end)
                 if sql is not None:
                     refusal = self._verdict(sql)
@@ -295,6 +318,11 @@ class RelayCore:
                             self._statements[name] = (sql,)
                         elif sql not in known:
                             self._statements[name] = (sql, *known)
+                    elif self.on_counted is not None:
+                        # Counted with its final verdict: a held statement only once released.
+                        if not self._noted:
+                            self._noted_at = self._clock()
+                        self._noted.append((sql, refusal))
             if t == _CLOSE and buf[pos + 5] == _S:
                 self._statements.pop(buf[pos + 6 : end - 1], None)
             if masking is not None:
@@ -307,6 +335,8 @@ class RelayCore:
                     prev = end
             if t in _COUNTED:
                 self.pending += 1
+                if self.on_counted is not None:
+                    self._end_request()
                 if t == _S:
                     self.unsynced = False
                 continue
@@ -316,6 +346,8 @@ class RelayCore:
                 continue
             if t == _Q:
                 self.pending += 1
+                if self.on_counted is not None:
+                    self._end_request()
             else:
                 self.unsynced = True  # Parse, Bind, Describe, Execute, Close
             if refusal is not None:
@@ -402,6 +434,8 @@ class RelayCore:
 
     def _verdict(self, sql: bytes) -> Refusal | None:
         """The hook's verdict on ``sql``, remembered per text until the epoch moves."""
+        if self.hook is None:
+            return None  # only counting statements
         if self.gate is not None:
             closed = self.gate()
             if closed is not None:
@@ -416,7 +450,6 @@ class RelayCore:
             self._epoch_seen = self.epoch[0]
         refusal = cache.get(sql, _UNSEEN)
         if refusal is _UNSEEN:
-            assert self.hook is not None
             refusal = self.hook(sql.decode("utf-8", "surrogateescape"))
             if len(cache) >= _VERDICT_CACHE:
                 cache.clear()
@@ -527,6 +560,11 @@ class RelayCore:
                 self.status = _STATUS[buf[pos + 5]]
                 if self.pending:
                     self.pending -= 1
+                    if self._requests:
+                        request = self._requests.popleft()
+                        if request is not None:
+                            assert self.on_counted is not None
+                            self.on_counted(request[1], self._clock() - request[0])
                 if self.pending == 0:
                     if self.holding is not None and self.status == b"E":
                         self._fail_internal("the transaction has failed")
@@ -560,6 +598,25 @@ class RelayCore:
         out.append(buf[prev:cut])
         return b"".join(out)
 
+    # ------------------------------------------------------------------ statement counting
+    def count_statements(self, on_counted: CountedCallback, clock: Callable[[], float]) -> None:
+        """Report the statements of each request to ``on_counted`` at the ReadyForQuery that
+        ends it: for metrics without the statement tracker, at the cost of a list append per
+        statement. Only when the tracker is not installed (it would count them twice)."""
+        assert self.tracker is None
+        self.on_counted = on_counted
+        self._clock = clock
+        self._requests.extend([None] * self.pending)  # replies already due ran nothing seen
+
+    def _end_request(self) -> None:
+        """A Query, Sync or FunctionCall was sent: the statements noted since the last one
+        are answered by its ReadyForQuery."""
+        if self._noted:
+            self._requests.append((self._noted_at, self._noted))
+            self._noted = []
+        else:
+            self._requests.append(None)
+
     # ------------------------------------------------------------------ statement tracking
     def track_statements(
         self,
@@ -570,6 +627,7 @@ class RelayCore:
     ) -> None:
         """Report every statement's outcome (for the audit trail) to ``on_runs``, with a
         preview of up to ``preview_rows`` rows as the client received them."""
+        assert self.on_counted is None  # the runs are counted instead
         self.tracker = tracker
         self.on_runs = on_runs
         self._preview_limits = (preview_rows, preview_bytes)

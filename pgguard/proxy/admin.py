@@ -106,9 +106,17 @@ class BadRequest(Exception):
 
 
 class Readiness:
-    """The ``/readyz`` checks: listening and not draining, the policy loaded, the audit store
+    """The ``/readyz`` checks: listening and not draining, a policy in force, the audit store
     healthy, the upstream accepting TCP connections (probed with a short timeout, the answer
-    cached)."""
+    cached).
+
+    A failed policy *reload* does not make the gateway unready: the previous policy stays in
+    force and keeps protecting traffic, and a bad policy rolled out to every replica must not
+    take them all out of rotation at once. The check says so (``ok (reload failed: …)``) and
+    ``pgguard_policy_reload_failed`` is there to alert on. Only a gateway that never had a
+    policy load (``policy_loaded=False``) is unready while loading fails; ``pgguard serve``
+    refuses to start on an invalid policy, so its gateways always start with one.
+    """
 
     def __init__(
         self,
@@ -116,8 +124,10 @@ class Readiness:
         *,
         connect_timeout: float = UPSTREAM_CONNECT_TIMEOUT,
         cache_seconds: float = UPSTREAM_CACHE_SECONDS,
+        policy_loaded: bool = True,
     ) -> None:
         self.gateway = gateway
+        self.policy_loaded = policy_loaded
         self.connect_timeout = connect_timeout
         self.cache_seconds = cache_seconds
         self._upstream: tuple[float, str | None] | None = None  # (when, error or None)
@@ -137,7 +147,13 @@ class Readiness:
         put("listening", "not yet" if gw.server is None else None, ok="yes")
         put("draining", "draining" if gw.draining else None, ok="no")
         policy_error = gw.policy_error
-        put("policies", None if policy_error is None else f"load failed: {policy_error}"[:300])
+        if policy_error is None:
+            self.policy_loaded = True
+            put("policies", None)
+        elif self.policy_loaded:
+            put("policies", None, ok=f"ok (reload failed: {policy_error}"[:299] + ")")
+        else:
+            put("policies", f"load failed: {policy_error}"[:300])
         audit = gw.audit
         if audit is None:
             put("audit", None, ok="not configured")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pgguard.approvals.model import ApprovalRequest
-from pgguard.audit.events import SessionContext, described, statement_decision
+from pgguard.audit.events import SessionContext, described
 from pgguard.audit.link import WriterConfig
 from pgguard.audit.records import AuditRecord
 from pgguard.audit.store import open_stores
@@ -44,9 +44,16 @@ from pgguard.policy.model import Policy
 from pgguard.protocol import messages as m
 from pgguard.protocol.auth import AuthFailed, ScramClient, md5_password
 from pgguard.protocol.framing import MessageReader, StartupReader
-from pgguard.protocol.relay import IDLE_TIMEOUT, SHUTTING_DOWN, TOKEN_EXPIRED, Fatal, RelayCore
+from pgguard.protocol.relay import (
+    IDLE_TIMEOUT,
+    SHUTTING_DOWN,
+    TOKEN_EXPIRED,
+    Counted,
+    Fatal,
+    RelayCore,
+)
 from pgguard.protocol.startup import StartupRefused, build_upstream_startup
-from pgguard.protocol.statements import StatementRun, StatementTracker
+from pgguard.protocol.statements import StatementRun, StatementTracker, split_statements
 from pgguard.proxy.audit_link import AuditLink
 from pgguard.proxy.holds import ApprovalBroker, verdict_for
 
@@ -220,6 +227,10 @@ def _log_mask_fallback(function: object, type_oid: int, reason: str) -> None:
     )
 
 
+_ONE_UNKNOWN = (("unknown", "allow"),)
+_KINDS_CACHE = 4096
+
+
 class Session:
     """One client connection: handshake, upstream login, then the relay."""
 
@@ -251,6 +262,10 @@ class Session:
         self._held_text = ""
         self._approved: tuple[str, str] | None = None  # (SQL, request id) approved to run
         self._upstream_prompt: str | None = None  # pgguard.prompt_id on the upstream session
+        # Statement metrics without the audit: (class, decision if let run) of each statement
+        # of a text, valid for one guard epoch.
+        self._kinds: dict[bytes, tuple[tuple[str, str], ...]] = {}
+        self._kinds_epoch = -1
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -871,6 +886,10 @@ class Session:
                 core.gate = self._audit_gate
             self.audit.session(self.audit_ctx)
             self._audit(self.audit_ctx.base("session_start"))
+        else:
+            # No audit, so no statement tracker (too slow to run just for the metrics): the
+            # relay notes each statement and its verdict instead.
+            core.count_statements(self._count_statements, time.monotonic)
         leftover = upstream.take_buffered()
         if leftover:
             from_server(leftover)
@@ -921,7 +940,7 @@ class Session:
             if approved is not None and run.statement.strip() in approved[0]:
                 self._approved = None
                 approval_id = approved[1]
-            decision, _ = statement_decision(run, audit_only)
+            decision, _ = self.audit_ctx.decision(run, audit_only)
             if approval_id is not None and decision == "allow":
                 decision = "approved"
             self.gateway.tally.statement(about[0], decision, run.duration_ms)  # type: ignore[arg-type]
@@ -930,6 +949,52 @@ class Session:
                 continue
             self._awaiting += 1
             audit.statement(session_id, run, about, approval_id, self._durable)
+
+    def _count_statements(self, noted: list[Counted], seconds: float) -> None:
+        """A request's statements, for the statement metrics when the audit is off. Each
+        statement observes the whole request's duration (docs/metrics.md says why)."""
+        try:
+            tally = self.gateway.tally
+            duration_ms = seconds * 1000.0
+            for sql, refusal in noted:
+                decided: str | None = None
+                if refusal is not None:
+                    decided = "deny"
+                elif self._approved is not None and self._approved[0] == sql.decode(
+                    "utf-8", "surrogateescape"
+                ):
+                    self._approved = None
+                    decided = "approved"
+                for statement_class, allowed in self._statement_kinds(sql):
+                    tally.statement(statement_class, decided or allowed, duration_ms)
+        except Exception:  # a bug in the metrics must not end the session
+            log.exception("statement metrics failed", extra={"session_id": self.info.session_id})
+
+    def _statement_kinds(self, sql: bytes) -> tuple[tuple[str, str], ...]:
+        """(class, decision when pgguard lets it run) of each statement of ``sql``: one per
+        statement as the audit trail splits it; classes from the guard's caches, "unknown"
+        without a policy (then nothing is analysed for the metrics)."""
+        guard = self.guard
+        policy = guard is not None and guard.state.policy is not None
+        if not policy and b";" not in sql:
+            return _ONE_UNKNOWN  # the pass-through case: no decoding, no cache
+        epoch = guard.state.epoch[0] if guard is not None else 0
+        if epoch != self._kinds_epoch or len(self._kinds) >= _KINDS_CACHE:
+            self._kinds.clear()
+            self._kinds_epoch = epoch
+        kinds = self._kinds.get(sql)
+        if kinds is None:
+            text = sql.decode("utf-8", "surrogateescape")
+            count = len(split_statements(text)) if b";" in sql else 1
+            known = guard.statement_kinds(text) if guard is not None else None
+            kinds = tuple(
+                (known[i][0], "audit_only" if known[i][1] else "allow")
+                if known is not None and i < len(known)
+                else ("unknown", "allow")
+                for i in range(count)
+            )
+            self._kinds[sql] = kinds
+        return kinds
 
     def _audit_stalled(self) -> None:
         """Strict mode: a record is still not durable; the client gets a clear error rather

@@ -104,17 +104,6 @@ def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
     return status, json.loads(body)
 
 
-def wait_ready_state(gw: Gateway, want: int, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status, data = readyz(gw)
-        if status == want:
-            return data
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/readyz stayed {status}: {data}")
-        time.sleep(0.2)
-
-
 # --------------------------------------------------------------------------- health
 
 
@@ -159,20 +148,37 @@ def test_readyz_reports_an_audit_store(make_gateway: MakeGateway, tmp_path: Path
     assert data["checks"]["audit"] == "ok"
 
 
-def test_readyz_fails_after_a_failed_policy_load(make_gateway: MakeGateway, tmp_path: Path) -> None:
+def test_a_failed_policy_reload_keeps_readyz_ready(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """The previous policy stays in force, so the gateway stays in rotation: /readyz says the
+    reload failed and why, and pgguard_policy_reload_failed is there to alert on."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(DENY_DDL_POLICY)
     gw = make_gateway(policies=[str(policy)])
-    assert readyz(gw)[0] == 200
+    status, data = readyz(gw)
+    assert status == 200 and data["checks"]["policies"] == "ok"
+    assert value(scrape(gw)[0], "pgguard_policy_reload_failed") == 0
     assert gw.proc is not None
     policy.write_text("version: 1\nrules: [{name: broken, action: explode}]\n")
     os.kill(gw.proc.pid, signal.SIGHUP)
-    data = wait_ready_state(gw, 503)
-    assert data["failed"] == ["policies"]
-    assert data["checks"]["policies"].startswith("load failed")
+    wait_for(gw, lambda s: value(s, "pgguard_policy_reload_failed") == 1)
+    status, data = readyz(gw)
+    assert status == 200, data
+    assert data["status"] == "ready" and data["failed"] == []
+    check = data["checks"]["policies"]
+    assert check.startswith("ok (reload failed: ") and check.endswith(")"), check
+    assert "explode" in check, check
+    # The policy in force still refuses DDL.
+    with (
+        psycopg.connect(gw.dsn("alice"), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute("create table t_after_bad_reload (x int)")
     policy.write_text(DENY_DDL_POLICY)
     os.kill(gw.proc.pid, signal.SIGHUP)
-    wait_ready_state(gw, 200)
+    wait_for(gw, lambda s: value(s, "pgguard_policy_reload_failed") == 0)
+    assert readyz(gw)[1]["checks"]["policies"] == "ok"
 
 
 # --------------------------------------------------------------------------- metrics
@@ -191,6 +197,8 @@ SPEC_FAMILIES = {
     "pgguard_upstream_errors": "counter",
     "pgguard_bytes": "counter",
 }
+# Beyond SPEC §7.
+EXTRA_FAMILIES = {"pgguard_policy_reload_failed": "gauge"}
 
 
 def test_metrics_endpoint_serves_the_spec_set(make_gateway: MakeGateway) -> None:
@@ -198,7 +206,7 @@ def test_metrics_endpoint_serves_the_spec_set(make_gateway: MakeGateway) -> None
     status, _, body = http_get(gw.admin_port, "/metrics")
     assert status == 200
     families = {f.name: f.type for f in text_string_to_metric_families(body.decode())}
-    assert families == SPEC_FAMILIES
+    assert families == SPEC_FAMILIES | EXTRA_FAMILIES
 
 
 def test_metrics_move_with_traffic(make_gateway: MakeGateway, tmp_path: Path) -> None:
@@ -248,6 +256,52 @@ def test_metrics_move_with_traffic(make_gateway: MakeGateway, tmp_path: Path) ->
     labels = {name for (_, labelset) in after for name, _ in labelset}
     assert labels <= {"result", "reason", "class", "decision", "column", "direction", "le"}
     assert not any("alice" in v or "mallory" in v for (_, ls) in after for _, v in ls)
+
+
+def test_statement_metrics_move_without_an_audit_trail(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """With the audit off (no statement tracker), statements are still counted, by class
+    and decision, through the simple and the extended protocol."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(DENY_DDL_POLICY)
+    gw = make_gateway(policies=[str(policy)])  # audit.url: null
+    read, ddl = {"class": "read", "decision": "allow"}, {"class": "ddl", "decision": "deny"}
+    before, _ = scrape(gw)
+    reads0 = value(before, "pgguard_statements_total", **read)
+    denied0 = value(before, "pgguard_statements_total", **ddl)
+    observed0 = value(before, "pgguard_statement_duration_seconds_count")
+
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        # Simple protocol (no parameters): one statement, then a multi-statement Query (two).
+        assert conn.execute("select 1").fetchone() == (1,)
+        conn.execute("select 1; select 2")
+        # Extended protocol: a Parse/Bind/Execute/Sync, a prepared statement run twice (one
+        # Parse, two Binds), and a pipeline of two statements before one Sync.
+        assert conn.execute("select %s::int", (5,)).fetchone() == (5,)
+        for _ in range(2):
+            conn.execute("select %s::int + 1", (5,), prepare=True)
+        with conn.pipeline():
+            conn.execute("select %s::int", (1,))
+            conn.execute("select %s::int", (2,))
+        # Refused, through each protocol.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("create table metrics_denied (i int)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("create table metrics_denied (i int)", binary=True)
+
+    after = wait_for(
+        gw,
+        lambda s: (
+            value(s, "pgguard_statements_total", **read) - reads0 >= 8
+            and value(s, "pgguard_statements_total", **ddl) - denied0 >= 2
+        ),
+    )
+    assert value(after, "pgguard_statements_total", **read) - reads0 == 8
+    assert value(after, "pgguard_statements_total", **ddl) - denied0 == 2
+    # One observation per statement.
+    assert value(after, "pgguard_statement_duration_seconds_count") - observed0 == 10
+    assert value(after, "pgguard_statement_duration_seconds_sum") > 0
 
 
 def _foreign_token() -> str:
@@ -469,6 +523,10 @@ def test_metrics_total_across_workers(
             value(s, "pgguard_connections_total", result="accepted") == n
             and value(s, "pgguard_client_connections") == n
             and value(s, "pgguard_bytes_total", direction="client_to_server") >= 14 * n
+            # One "select 1" per connection, counted without an audit trail or a policy.
+            and value(s, "pgguard_statements_total", **{"class": "unknown", "decision": "allow"})
+            == n
+            and value(s, "pgguard_statement_duration_seconds_count") == n
         )
 
     wait_for(gw, totals)

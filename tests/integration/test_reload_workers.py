@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors
 
 from tests.support.gateway import Gateway, MakeGateway
+from tests.support.procmem import child_pids
 
 RULE = "no-deletes-after-reload"
 MESSAGE = "deletes are off since the reload"
@@ -262,3 +263,157 @@ def test_sighup_reloads_the_policy_in_every_worker(
         ),
         f"/metrics to count {refused} denied writes",
     )
+
+
+# --------------------------------------------------------------------------- replaced workers
+
+
+def start_two_workers(
+    make_gateway: MakeGateway, policy: Path, trail: Path
+) -> tuple[Gateway, set[int]]:
+    gw = make_gateway(
+        workers=2,
+        policies=[str(policy)],
+        audit={"url": None, "jsonl": str(trail), "mode": "strict"},
+        log={"format": "json", "level": "info"},
+    )
+    assert gw.proc is not None
+    parent = gw.proc.pid
+    wait_until(
+        lambda: (
+            sum(1 for e in log_events(gw) if str(e.get("event")).startswith("pgguard lis")) == 2
+            and len(child_pids(parent)) == 2
+        ),
+        "both workers to listen",
+    )
+    return gw, child_pids(parent)
+
+
+def kill_a_worker(gw: Gateway, workers: set[int]) -> str:
+    """kill -9 one worker; the id of the worker it was (from the parent's log)."""
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    prefix = f"(pid {victim}) was killed by SIGKILL"
+    wait_until(
+        lambda: any(prefix in str(e.get("event")) for e in log_events(gw)),
+        "the parent to notice the dead worker",
+    )
+    (event,) = [str(e["event"]) for e in log_events(gw) if prefix in str(e.get("event"))]
+    return event.split()[1]
+
+
+def test_a_replaced_worker_serves_the_policy_in_force(
+    make_gateway: MakeGateway, tmp_path: Path, connections: list[psycopg.Connection[Any]]
+) -> None:
+    """A worker that replaces a dead one loads the policy files as they are now, not the
+    policy the parent started with: here only SIGHUP brought the new rule in (the file watch
+    cannot see it), so the start-up policy would let DELETE through."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(padded(ALLOW_ALL, POLICY_SIZE))
+    trail = tmp_path / "audit.jsonl"
+    gw, workers = start_two_workers(make_gateway, policy, trail)
+    assert gw.proc is not None
+    rewrite_unseen(policy, padded(DENY_DELETES, POLICY_SIZE))
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: len([r for r in audit_records(trail) if r.get("event") == "policy_reload"]) == 2,
+        "a policy_reload record from each worker",
+    )
+    worker_id = kill_a_worker(gw, workers)
+    wait_until(
+        lambda: any(
+            str(e.get("event")).startswith(f"worker {worker_id} restarted") for e in log_events(gw)
+        ),
+        "the replacement",
+    )
+
+    # New connections until the replacement serves one: every one refuses DELETE.
+    served: set[str] = set()
+    for i in range(MAX_CONNECTIONS):
+        tag = f"after-restart-{i}"
+        conn = psycopg.connect(gw.dsn(f"user{i}", application_name=tag), autocommit=True)
+        connections.append(conn)
+        conn.execute("create temp table t (x int)")
+        with pytest.raises(errors.InsufficientPrivilege) as info:
+            conn.execute("delete from t")
+        assert str(info.value).startswith(f"pgguard: {RULE}: {MESSAGE}"), str(info.value)
+        served |= {
+            worker_of(r["instance_id"])
+            for r in audit_records(trail)
+            if r.get("application_name") == tag
+        }
+        if worker_id in served:
+            break
+    assert worker_id in served, f"the replacement served none of {MAX_CONNECTIONS} connections"
+
+
+def test_an_invalid_policy_keeps_a_dead_worker_down_until_fixed(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """After a failed reload the gateway stays ready (the old policy is in force) and says
+    so in /readyz and /metrics; a worker that dies meanwhile is not started with a policy
+    that does not load, but tried again with back-off until the files are fixed."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(DENY_DELETES)
+    trail = tmp_path / "audit.jsonl"
+    gw, workers = start_two_workers(make_gateway, policy, trail)
+    assert gw.proc is not None
+    assert metric(gw, "pgguard_policy_reload_failed") == 0
+
+    policy.write_text("version: 1\nrules: [{name: broken, action: explode}]\n")
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: (
+            len(
+                [
+                    r
+                    for r in audit_records(trail)
+                    if r.get("event") == "policy_reload" and not r["extra"]["applied"]
+                ]
+            )
+            >= 2
+        ),
+        "both workers to refuse the reload",
+    )
+    wait_until(lambda: metric(gw, "pgguard_policy_reload_failed") == 1, "the reload gauge")
+    status, ready = readyz(gw)
+    assert status == 200, ready
+    assert ready["failed"] == []
+    assert ready["checks"]["policies"].startswith("ok (reload failed: ")
+
+    worker_id = kill_a_worker(gw, workers)
+    cannot = f"cannot start worker {worker_id}: the policy is invalid"
+    wait_until(
+        lambda: sum(1 for e in log_events(gw) if str(e.get("event")).startswith(cannot)) >= 2,
+        "two refused restarts",
+    )
+    assert gw.proc is not None and len(child_pids(gw.proc.pid)) == 1
+    # The surviving worker still refuses DELETE: the policy in force did not change.
+    with psycopg.connect(gw.dsn("alice"), autocommit=True) as conn:
+        conn.execute("create temp table t (x int)")
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("delete from t")
+
+    policy.write_text(DENY_DELETES + "# fixed\n")
+    wait_until(
+        lambda: any(
+            str(e.get("event")).startswith(f"worker {worker_id} restarted") for e in log_events(gw)
+        ),
+        "the replacement once the policy is fixed",
+        timeout=20,
+    )
+    wait_until(lambda: len(child_pids(gw.proc.pid)) == 2, "two workers again")
+    wait_until(lambda: metric(gw, "pgguard_policy_reload_failed") == 0, "the gauge to clear")
+    assert readyz(gw)[1]["checks"]["policies"] == "ok"
+
+
+def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw.admin_port, timeout=5)
+    try:
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()

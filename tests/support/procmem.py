@@ -16,6 +16,11 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def child_pids(pid: int) -> set[int]:
+    """The direct children of ``pid`` (a serving parent's workers)."""
+    return set(_children(pid))
+
+
 def tree_pids(pid: int) -> list[int]:
     pids = [pid]
     i = 0

@@ -334,3 +334,23 @@ def test_buffered_records_are_gathered_and_flushed_on_close(tmp_path: Path) -> N
     assert [r.statement for r in records] == [f"s{i}" for i in range(300)]
     assert verify_stream(enumerate(records)).ok
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 300
+
+
+def test_a_refused_multi_statement_query_is_denied_as_a_unit() -> None:
+    builder = RecordBuilder()
+    nothing: tuple[Any, ...] = (None, (), None, ())
+
+    def run(sql: str, batch: int) -> StatementRun:
+        return StatementRun("simple", sql, 1.0, batch=batch)
+
+    refused = run("select 1", 5).finished(1.1, sqlstate="42501", error="pgguard: no-ddl: no")
+    skipped = run("drop table t", 5).finished(1.1, executed=False)
+    failed = run("select 1/0", 6).finished(1.2, sqlstate="22012", error="division by zero")
+    after = run("select 2", 6).finished(1.2, executed=False)
+    decisions = [
+        (r.decision, r.rule)
+        for r in (
+            builder.statement("s", x, nothing, None) for x in (refused, skipped, failed, after)
+        )
+    ]
+    assert decisions == [("deny", "no-ddl"), ("deny", "no-ddl"), ("allow", None), ("allow", None)]

@@ -401,7 +401,7 @@ def _dashboard_exprs() -> list[str]:
 
 def test_registry_names_cover_spec() -> None:
     names = _registered_names()
-    for spec in metrics.SPEC_METRICS:
+    for spec in metrics.ALL_METRICS:
         assert spec.name in names, spec.name
 
 
@@ -431,12 +431,13 @@ def test_dashboard_panels() -> None:
         "pgguard_audit_write_errors_total",
         "pgguard_upstream_errors_total",
         "pgguard_auth_failures_total",
+        "pgguard_policy_reload_failed",
     ):
         assert name in exprs, name
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     # Labels used in `by (...)` exist on the metrics they group.
-    labels = {s.name: set(s.labels) for s in metrics.SPEC_METRICS}
+    labels = {s.name: set(s.labels) for s in metrics.ALL_METRICS}
     for match in re.finditer(r"by \(([a-z_, ]+)\) \((?:rate\()?(pgguard_[a-z_]+)", exprs):
         group = {g.strip() for g in match.group(1).split(",")} - {"le", "instance", "job"}
         metric = match.group(2)

@@ -126,3 +126,35 @@ def test_no_policy_means_identity_guard_only() -> None:
     g = SessionGuard(GuardState(None), agent(), "app", role_mapped=False)
     assert g("delete from anything") is None
     assert g("set role postgres") is not None
+
+
+WATCH_POLICY = """
+version: 1
+rules:
+  - name: watch-accounts
+    match: {tables: [public.accounts]}
+    action: audit_only
+  - name: no-secrets
+    match: {tables: ["vault.*"]}
+    action: deny
+"""
+
+
+def test_statement_kinds_for_the_metrics_come_from_the_judgement() -> None:
+    st = GuardState(policy_in_force(parse_policy(WATCH_POLICY)))
+    st.set_catalog("app", CATALOG)
+    g = guard(st)
+    sql = "select abalance from accounts where aid = 1"
+    assert g(sql) is None
+    assert g.statement_kinds(sql) == (("read", True),)
+    # Every statement of a multi-statement string, each with its own audit_only rules.
+    three = "select 1; delete from accounts; select secret from vault.accounts"
+    assert g(three) is not None
+    assert g.statement_kinds(three) == (("read", False), ("write", True), ("read", False))
+
+
+def test_statement_kinds_without_a_policy_analyse_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    st = GuardState(None)
+    g = SessionGuard(st, agent(), "app", role_mapped=False)
+    monkeypatch.setattr(st, "analyse", lambda *args: pytest.fail("analysed"))
+    assert g.statement_kinds("select 1") is None

@@ -19,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgguard.identity import TOKEN_ERROR_REASONS
 from pgguard.metrics import (
+    ALL_METRICS,
     AUTH_FAILURE_REASONS,
     CONNECTION_RESULTS,
+    EXTRA_METRICS,
     MAX_MASK_LABELS,
     MULTIPROC_ENV,
     SPEC_METRICS,
@@ -47,6 +49,11 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "pgguard_bytes_total": ("counter", ("direction",)),
 }
 
+# Beyond SPEC §7.
+EXTRA: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pgguard_policy_reload_failed": ("gauge", ()),
+}
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -62,6 +69,7 @@ class FakeGateway:
     stats: dict[str, int] = field(default_factory=lambda: {"upstream_errors": 0})
     sessions: set[object] = field(default_factory=set)
     audit: FakeAudit | None = None
+    policy_error: str | None = None
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +101,8 @@ def exposed_name(name: str, kind: str) -> str:
 def test_spec_metrics_are_the_spec_set() -> None:
     got = {m.name: (m.kind, m.labels) for m in SPEC_METRICS}
     assert got == EXPECTED
+    assert {m.name: (m.kind, m.labels) for m in EXTRA_METRICS} == EXTRA
+    assert ALL_METRICS == SPEC_METRICS + EXTRA_METRICS
 
 
 def test_spec_metrics_match_the_spec_text() -> None:
@@ -109,7 +119,7 @@ def test_spec_metrics_match_the_spec_text() -> None:
     assert found == {name: labels for name, (_, labels) in EXPECTED.items()}
 
 
-def test_exposition_is_exactly_the_spec_set() -> None:
+def test_exposition_is_exactly_the_spec_set_and_the_extras() -> None:
     gateway = FakeGateway(audit=FakeAudit(depth=3, errors=1))
     tally = gateway.tally
     tally.connection("accepted")
@@ -119,10 +129,11 @@ def test_exposition_is_exactly_the_spec_set() -> None:
     tally.bytes_client_to_server = 10
     collector = MetricsCollector(gateway, Metrics())
     families = {f.name: f for f in text_string_to_metric_families(collector.exposition().decode())}
+    every = {**EXPECTED, **EXTRA}
     assert {name: f.type for name, f in families.items()} == {
-        exposed_name(name, kind): kind for name, (kind, _) in EXPECTED.items()
+        exposed_name(name, kind): kind for name, (kind, _) in every.items()
     }
-    for name, (kind, labels) in EXPECTED.items():
+    for name, (kind, labels) in every.items():
         family = families[exposed_name(name, kind)]
         assert family.samples, name
         for sample in family.samples:
@@ -185,6 +196,7 @@ def test_fold_moves_the_tally_into_the_metrics_once() -> None:
     assert value(s, "pgguard_audit_queue_depth") == 7
     assert value(s, "pgguard_client_connections") == 2
     assert value(s, "pgguard_approvals_pending") == 2
+    assert value(s, "pgguard_policy_reload_failed") == 0
     assert tally.connections == {} and tally.durations == []
 
     # More traffic: only the difference is added; gauges follow the state.
@@ -195,6 +207,7 @@ def test_fold_moves_the_tally_into_the_metrics_once() -> None:
     gateway.audit.errors = 5
     gateway.audit.depth = 0
     gateway.sessions.clear()
+    gateway.policy_error = "policy.yaml:2: unknown action 'explode'"
     s = parse(collector.exposition())
     assert value(s, "pgguard_bytes_total", direction="client_to_server") == 150
     assert value(s, "pgguard_connections_total", result="accepted") == 4
@@ -202,6 +215,9 @@ def test_fold_moves_the_tally_into_the_metrics_once() -> None:
     assert value(s, "pgguard_audit_write_errors_total") == 5
     assert value(s, "pgguard_audit_queue_depth") == 0
     assert value(s, "pgguard_client_connections") == 0
+    assert value(s, "pgguard_policy_reload_failed") == 1
+    gateway.policy_error = None  # a good reload
+    assert value(parse(collector.exposition()), "pgguard_policy_reload_failed") == 0
 
 
 def test_a_new_audit_writer_counts_from_zero() -> None:
@@ -261,6 +277,7 @@ WORKER = textwrap.dedent(
             self.stats = {"upstream_errors": int(sys.argv[2])}
             self.sessions = set(range(int(sys.argv[1])))
             self.audit = None
+            self.policy_error = "broken" if len(sys.argv) > 3 else None
 
     gw = Gw()
     n = int(sys.argv[1])
@@ -284,10 +301,13 @@ def multiproc_dir(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
-def run_worker(path: Path, connections: int, upstream_errors: int) -> tuple[int, Samples]:
+def run_worker(
+    path: Path, connections: int, upstream_errors: int, *, reload_failed: bool = False
+) -> tuple[int, Samples]:
     env = {**os.environ, MULTIPROC_ENV: str(path), "PYTHONPATH": str(ROOT)}
+    extra = ["reload-failed"] if reload_failed else []
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(connections), str(upstream_errors)],
+        [sys.executable, "-c", WORKER, str(connections), str(upstream_errors), *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -305,8 +325,9 @@ def read_dir(path: Path) -> Samples:
 
 
 def test_multiprocess_mode_reports_totals_across_processes(multiproc_dir: Path) -> None:
-    pid1, first = run_worker(multiproc_dir, 3, 1)
+    pid1, first = run_worker(multiproc_dir, 3, 1, reload_failed=True)
     assert value(first, "pgguard_connections_total", result="accepted") == 3
+    assert value(first, "pgguard_policy_reload_failed") == 1
     pid2, second = run_worker(multiproc_dir, 5, 2)
     # The second process's /metrics counts both.
     assert value(second, "pgguard_connections_total", result="accepted") == 8
@@ -317,9 +338,12 @@ def test_multiprocess_mode_reports_totals_across_processes(multiproc_dir: Path) 
     assert value(second, "pgguard_upstream_errors_total") == 3
     assert value(second, "pgguard_client_connections") == 8  # livesum
     assert value(second, "pgguard_masked_values_total", column="public.customers.email") == 8
-    # The SPEC set, with its types, in multiprocess mode too.
+    # livemax: 1 while any live worker's last reload failed (not a count of workers).
+    assert value(second, "pgguard_policy_reload_failed") == 1
+    # Every metric, with its type, in multiprocess mode too.
     families = {f.name: f.type for f in text_string_to_metric_families(_text(multiproc_dir))}
-    assert families == {exposed_name(n, kind): kind for n, (kind, _) in EXPECTED.items()}
+    every = {**EXPECTED, **EXTRA}
+    assert families == {exposed_name(n, kind): kind for n, (kind, _) in every.items()}
 
     # A worker that exited no longer counts in the live gauges; counters keep its share.
     worker_exited(pid1)  # no directory in this process's environment: a no-op
@@ -332,7 +356,13 @@ def test_multiprocess_mode_reports_totals_across_processes(multiproc_dir: Path) 
     after = read_dir(multiproc_dir)
     assert value(after, "pgguard_client_connections") == 5
     assert value(after, "pgguard_connections_total", result="accepted") == 8
+    assert value(after, "pgguard_policy_reload_failed") == 0  # only the dead worker's failed
     assert pid1 != pid2
+
+    # A replacement (a new process) adds its counts to those of the worker it replaced.
+    _, third = run_worker(multiproc_dir, 2, 0)
+    assert value(third, "pgguard_connections_total", result="accepted") == 10
+    assert value(third, "pgguard_client_connections") == 7
 
 
 def _text(path: Path) -> str:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+
+import pytest
+
+from pgguard.policy.identity_guard import Hold, Refusal
 from pgguard.protocol import messages as m
 from pgguard.protocol.framing import MessageReader
-from pgguard.protocol.relay import SHUTTING_DOWN, TOKEN_EXPIRED, RelayCore
+from pgguard.protocol.relay import (
+    SHUTTING_DOWN,
+    TOKEN_EXPIRED,
+    Counted,
+    RelayCore,
+    StatementHook,
+)
+from pgguard.protocol.statements import StatementTracker
 
 LIMIT = 1 << 20
 
@@ -327,3 +340,124 @@ def test_internal_query_waits_for_the_sync_of_flushed_extended_messages() -> Non
     core.from_client(msgs.Sync().encode())
     assert core.from_server(ready) == ready
     assert core.server_out == [msgs.Query("select 2").encode()]
+
+
+# --------------------------------------------------------------------------- statement counting
+
+
+def _counting(
+    hook: StatementHook | None = None,
+) -> tuple[RelayCore, list[tuple[list[Counted], float]]]:
+    """A relay that counts statements, its clock ticking 1.0 per reading."""
+    ticks = itertools.count()
+    core = RelayCore(LIMIT, hook)
+    counted: list[tuple[list[Counted], float]] = []
+    core.count_statements(
+        lambda noted, seconds: counted.append((noted, seconds)), lambda: float(next(ticks))
+    )
+    return core, counted
+
+
+READY = m.ReadyForQuery(b"I").encode()
+
+
+def test_counting_a_simple_query_at_its_ready_for_query() -> None:
+    core, counted = _counting()
+    core.from_client(m.Query("select 1").encode())
+    assert counted == []  # the outcome is not known yet
+    core.from_server(_select_reply(1))
+    assert counted == [([(b"select 1", None)], 1.0)]
+
+
+def test_counting_a_multi_statement_query_hands_over_the_whole_text() -> None:
+    # One entry per Query: the session splits it into statements (as the audit trail does).
+    core, counted = _counting()
+    core.from_client(m.Query("select 1; select 2").encode())
+    core.from_server(_select_reply(1)[:-6] + _select_reply(1))
+    assert counted == [([(b"select 1; select 2", None)], 1.0)]
+
+
+def test_counting_extended_pipelines_per_sync() -> None:
+    core, counted = _counting()
+    # Three Parse/Bind/Describe/Execute/Sync requests and a Query, sent at once.
+    core.from_client(EXTENDED * 3 + m.Query("select 2").encode())
+    core.from_server(REPLY * 2)
+    assert [noted for noted, _ in counted] == [[(b"select $1", None)]] * 2
+    core.from_server(REPLY + _select_reply(1))
+    assert [noted for noted, _ in counted[2:]] == [[(b"select $1", None)], [(b"select 2", None)]]
+    # Two executions of a prepared statement before one Sync: one request, two statements.
+    counted.clear()
+    bind = m.Bind("", "s", (), (), ()).encode() + m.Execute("", 0).encode()
+    core.from_client(m.Parse("s", "select 3", ()).encode() + bind + bind + m.Sync().encode())
+    core.from_server(READY)
+    assert [noted for noted, _ in counted] == [[(b"select 3", None), (b"select 3", None)]]
+
+
+def test_counting_nothing_for_a_parse_alone() -> None:
+    core, counted = _counting()
+    core.from_client(m.Parse("s", "select 1", ()).encode() + m.Sync().encode())
+    core.from_server(m.ParseComplete().encode() + READY)
+    assert counted == [] and core.pending == 0
+    # A Bind of a statement pgguard never saw: no SQL to count (the server fails it).
+    core.from_client(m.Bind("", "nope", (), (), ()).encode() + m.Sync().encode())
+    core.from_server(READY)
+    assert counted == []
+
+
+def test_counting_a_refused_statement_with_its_refusal() -> None:
+    refusal = Refusal("no-deletes", "nope")
+    core, counted = _counting(lambda sql: refusal if sql.startswith("delete") else None)
+    sent = core.from_client(m.Query("delete from t").encode())
+    assert m.Query.decode_body(sent[5:]).sql.startswith("pgguard_refused_")
+    core.from_server(
+        m.ErrorResponse(m.error_fields("ERROR", "42601", "syntax error")).encode() + READY
+    )
+    assert counted == [([(b"delete from t", refusal)], 1.0)]
+
+
+def test_counting_a_held_statement_once_with_its_final_verdict() -> None:
+    hold = Hold("orders-need-approval", "needs approval", approvers=("dba",))
+    write = "update orders set status = 'void'"
+    core, counted = _counting(lambda sql: hold if sql.startswith("update") else None)
+    held: list[str] = []
+    core.on_hold = lambda _hold, sql, _message: held.append(sql)
+    # Held while the statement before it runs: that one alone is counted.
+    core.from_client(m.Query("select 1").encode() + m.Query(write).encode())
+    core.from_server(_select_reply(1))
+    assert held == [write] and counted == [([(b"select 1", None)], 1.0)]
+    core.release(None)  # approved: it runs
+    core.from_server(m.CommandComplete("UPDATE 1").encode() + READY)
+    assert counted[1:] == [([(write.encode(), None)], 1.0)]
+    # Extended protocol, denied: the Bind is held, then counted once with the refusal.
+    counted.clear()
+    denial = Refusal("orders-need-approval", "denied by dana")
+    core.from_client(
+        m.Parse("", write, ()).encode()
+        + m.Bind("", "", (), (), ()).encode()
+        + m.Execute("", 0).encode()
+        + m.Sync().encode()
+    )
+    assert len(held) == 2 and core.pending == 0
+    core.release(denial)
+    core.from_server(m.ErrorResponse(m.error_fields("ERROR", "26000", "x")).encode() + READY)
+    assert [noted for noted, _ in counted] == [[(write.encode(), denial)]]
+
+
+def test_counting_is_off_by_default_and_never_with_the_tracker() -> None:
+    core = RelayCore(LIMIT, lambda sql: None)
+    core.from_client(m.Query("select 1").encode())
+    core.from_server(_select_reply(1))
+    assert core.on_counted is None
+    core.track_statements(StatementTracker(time.time), lambda runs: None)
+    with pytest.raises(AssertionError):
+        core.count_statements(lambda noted, seconds: None, time.monotonic)
+
+
+def test_counting_skips_replies_already_due_when_it_starts() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(m.Query("select 1").encode())
+    counted: list[list[Counted]] = []
+    core.count_statements(lambda noted, _seconds: counted.append(noted), time.monotonic)
+    core.from_client(m.Query("select 2").encode())
+    core.from_server(_select_reply(1) + _select_reply(1))
+    assert counted == [[(b"select 2", None)]]
