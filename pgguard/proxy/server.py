@@ -59,6 +59,8 @@ from pgguard.proxy.holds import ApprovalBroker, verdict_for
 
 log = logging.getLogger("pgguard.proxy")
 
+# Strict audit: a held result larger than this stops the upstream's reading until released.
+HELD_RESULT_BYTES = 256 * 1024
 AUDIT_UNAVAILABLE = Refusal(
     "audit", "the audit store is unavailable; statements are refused until it recovers"
 )
@@ -257,6 +259,8 @@ class Session:
         self._awaiting = 0  # statement records not yet durable (strict mode)
         self._held: list[bytes] | None = None  # client output held until they are
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._held_bytes = 0
+        self._upstream_paused = False  # by a held result (strict audit)
         self.outcome = "aborted"  # metrics: pgguard_connections_total{result}
         self._approval: ApprovalRequest | None = None  # the request of a held statement
         self._held_text = ""
@@ -827,11 +831,17 @@ class Session:
                     # Strict audit: results wait until their records are durable.
                     if self._held is None:
                         self._held = []
-                        upstream_transport.pause_reading()
+                        self._held_bytes = 0
                         self._stall_timer = asyncio.get_running_loop().call_later(
                             self.settings.audit.strict_timeout, self._audit_stalled
                         )
                     self._held.append(to_client)
+                    self._held_bytes += len(to_client)
+                    if self._held_bytes > HELD_RESULT_BYTES and not self._upstream_paused:
+                        # A big result: stop reading it until the record is durable (a
+                        # small one is not worth two epoll changes per statement).
+                        self._upstream_paused = True
+                        upstream_transport.pause_reading()
                 else:
                     client_transport.write(to_client)
             if core.server_out:
@@ -1021,8 +1031,10 @@ class Session:
                 self._stall_timer = None
             self.client.write(b"".join(held))
             upstream = self.upstream
-            if upstream is not None and upstream.transport is not None and not upstream.closed:
-                upstream.transport.resume_reading()
+            if self._upstream_paused:
+                self._upstream_paused = False
+                if upstream is not None and upstream.transport is not None and not upstream.closed:
+                    upstream.transport.resume_reading()
 
     def _cancel_upstream(self) -> None:
         """Cancel the running statement (the row limit was passed)."""

@@ -490,3 +490,18 @@ def test_a_killed_writer_process_is_replaced_and_nothing_acknowledged_is_lost(
         timeout=60,
     )
     assert verify.returncode == 0, verify.stdout
+
+
+def test_strict_mode_holds_a_large_result_whole(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    """A result bigger than the held-bytes threshold pauses the upstream's reading until its
+    record is durable, then arrives whole; small ones after it are not disturbed."""
+    gw = audited(make_gateway, tmp_path)
+    with psycopg.connect(gw.dsn("big"), autocommit=True) as conn:
+        rows = conn.execute(
+            "select g, repeat('x', 100) from generate_series(1, 50000) g"
+        ).fetchall()
+        assert len(rows) == 50000 and rows[-1] == (50000, "x" * 100)
+        for i in range(20):
+            assert conn.execute(f"select {i}".encode()).fetchone() == (i,)
+    got = statements(gw, "big")
+    assert got[0].rows == 50000 and len(got) == 21
