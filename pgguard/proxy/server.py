@@ -37,7 +37,7 @@ from pgguard.masking.session import SessionMasking
 from pgguard.metrics import Tally
 from pgguard.policy.catalog import CATALOG_SQL, effective_search_path, snapshot_from_rows
 from pgguard.policy.engine import limits_for
-from pgguard.policy.guard import GuardState, SessionGuard, policy_in_force
+from pgguard.policy.guard import GuardState, SessionGuard, literal_free, policy_in_force
 from pgguard.policy.identity_guard import Hold, PromptSync, Refusal
 from pgguard.policy.loader import check_policy_files
 from pgguard.policy.model import Policy
@@ -268,7 +268,7 @@ class Session:
         self._upstream_prompt: str | None = None  # pgguard.prompt_id on the upstream session
         # Statement metrics without the audit: (class, decision if let run) of each statement
         # of a text, valid for one guard epoch.
-        self._kinds: dict[bytes, tuple[tuple[str, str], ...]] = {}
+        self._kinds: dict[bytes | str, tuple[tuple[str, str], ...]] = {}  # by text or shape
         self._kinds_epoch = -1
 
     # ------------------------------------------------------------------ lifecycle
@@ -986,15 +986,24 @@ class Session:
         without a policy (then nothing is analysed for the metrics)."""
         guard = self.guard
         policy = guard is not None and guard.state.policy is not None
-        if not policy and b";" not in sql:
-            return _ONE_UNKNOWN  # the pass-through case: no decoding, no cache
+        if not policy:
+            body = sql.rstrip()
+            if b";" not in (body[:-1] if body.endswith(b";") else body):
+                return _ONE_UNKNOWN  # the pass-through case: no decoding, no cache
         epoch = guard.state.epoch[0] if guard is not None else 0
         if epoch != self._kinds_epoch or len(self._kinds) >= _KINDS_CACHE:
             self._kinds.clear()
             self._kinds_epoch = epoch
         kinds = self._kinds.get(sql)
+        if kinds is not None:
+            return kinds
+        text = sql.decode("utf-8", "surrogateescape")
+        # Texts that differ only in numbers share their kinds (pgbench and ORMs send a new
+        # literal every time).
+        shape = literal_free(text)
+        if shape is not None:
+            kinds = self._kinds.get(shape)
         if kinds is None:
-            text = sql.decode("utf-8", "surrogateescape")
             count = len(split_statements(text)) if b";" in sql else 1
             known = guard.statement_kinds(text) if guard is not None else None
             kinds = tuple(
@@ -1003,7 +1012,7 @@ class Session:
                 else ("unknown", "allow")
                 for i in range(count)
             )
-            self._kinds[sql] = kinds
+            self._kinds[shape if shape is not None else sql] = kinds
         return kinds
 
     def _audit_stalled(self) -> None:
