@@ -73,8 +73,15 @@ class Answers:
         messages.extend(last)
         self.durable, self.failed = [], {}
         if messages:
-            with contextlib.suppress(OSError):
+            # Blocking for the send (the loop reads with the socket non-blocking): a frame
+            # must never go out in part; the gateway always reads its end.
+            self.sock.setblocking(True)
+            try:
                 self.sock.sendall(link.encode_frame(messages))
+            except OSError:
+                pass  # the gateway is gone: the loop sees EOF next
+            finally:
+                self.sock.setblocking(False)
 
 
 class Daemon:
@@ -170,7 +177,7 @@ class Daemon:
             self.submit(record, ticket)
         elif kind == link.RECORD:
             _, ticket, record = message
-            self.submit(record, ticket)
+            self.submit(self.builder.redacted(record), ticket)
         elif kind == link.SESSION:
             self.builder.session(link.context_from_wire(message[1]))
         elif kind == link.FORGET:

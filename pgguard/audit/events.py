@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PlainExtra, PromptSource
 from pgguard.audit.text import (
@@ -233,6 +233,17 @@ class RecordBuilder:
     def session(self, ctx: SessionContext) -> None:
         self.sessions[ctx.session_id] = ctx
 
+    def redacted(self, record: AuditRecord) -> AuditRecord:
+        """A record made elsewhere (an approval request or decision carries its statement
+        and parameters) with the same ``redact_literals`` / ``redact_params`` as statements."""
+        options = self.options
+        changes: dict[str, object] = {}
+        if options.redact_literals and record.statement:
+            changes["statement"] = redact_literals(record.statement)
+        if options.redact_params and record.params:
+            changes["params"] = tuple(None if v is None else "***" for v in record.params)
+        return replace(record, **changes) if changes else record  # type: ignore[arg-type]
+
     def forget(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
@@ -245,9 +256,8 @@ class RecordBuilder:
     ) -> AuditRecord:
         """``described`` = ``(statement_class, objects, command, audit_only)``."""
         ctx = self.sessions.get(session_id)
-        if ctx is None:  # never announced: still recorded, with what is known
+        if ctx is None:  # never announced (or already forgotten): recorded with what is known
             ctx = SessionContext("", session_id, "")
-            self.sessions[session_id] = ctx
         ctx.note_statement(run)
         statement_class, objects, command, audit_only = described
         return statement_record(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,10 @@ log = logging.getLogger("pgguard.audit")
 
 DurableCallback = Callable[[BaseException | None], None]
 _RESPAWN_DELAY_S = 1.0
+_RESPAWN_DELAY_MAX_S = 30.0
+# Blocked while the writer is spawned: until it ignores them itself (after its imports), a
+# Ctrl-C or a group-wide SIGTERM/SIGHUP must not kill it (its gateway decides when it stops).
+_WRITER_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _BUFFERED_FLUSH_S = 0.05
 _SOCKET_BUFFER_LIMIT = 32 * 1024 * 1024  # bytes written and not yet read by the writer
 
@@ -41,13 +46,22 @@ _SOCKET_BUFFER_LIMIT = 32 * 1024 * 1024  # bytes written and not yet read by the
 class AuditLink(asyncio.Protocol):
     """Hands audit events to a writer process; the surface the gateway uses."""
 
-    def __init__(self, config: link.WriterConfig) -> None:
+    def __init__(self, config: link.WriterConfig, secret_env: frozenset[str] = frozenset()) -> None:
         self.config = config
+        # The writer needs none of pgguard's secrets (its store URL comes over the pipe):
+        # PGGUARD_* variables and those ``secret_env`` names are left out of its environment.
+        self.environment = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("PGGUARD_") and k not in secret_env
+        }
         self.mode = config.mode
         self.instance_id = config.instance_id
         self.status = link.WriterStatus()
         self.tickets = link.TicketBook()
-        self.sessions: dict[str, tuple[Any, ...]] = {}  # live sessions, re-sent to a new writer
+        # Live sessions, re-sent to a new writer as they are then (a SET pgguard.prompt_id
+        # since the start, the last refused batch).
+        self.sessions: dict[str, SessionContext] = {}
         self.dropped_here = 0  # events this side could not hand over
         self._out: list[Any] = []
         self._scheduled = False
@@ -58,6 +72,9 @@ class AuditLink(asyncio.Protocol):
         self._closing = False
         self._closed: asyncio.Future[link.WriterStatus] | None = None
         self._respawn: asyncio.TimerHandle | None = None
+        self._respawn_delay = _RESPAWN_DELAY_S
+        self._spawning: asyncio.Task[None] | None = None
+        self._got_closed = False  # the writer answered CLOSE (it wrote what it could)
         self._link_error: str | None = None
 
     # -- what the gateway reads ---------------------------------------------------------------
@@ -105,28 +122,51 @@ class AuditLink(asyncio.Protocol):
         assert self._loop is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pgguard.audit.daemon",
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WRITER_SIGNALS)
+            try:
+                self._process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pgguard.audit.daemon",
+                        str(theirs.fileno()),
+                        str(os.getpid()),
+                    ],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    env=self.environment,
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self._reader = link.FrameReader()
-        await self._loop.create_unix_connection(lambda: self, sock=ours)
+        try:
+            await self._loop.create_unix_connection(lambda: self, sock=ours)
+        except BaseException:
+            ours.close()
+            self._stop_process()
+            raise
         log.debug("audit writer process %d started", self._process.pid)
+
+    def _stop_process(self) -> None:
+        """Kill and reap the current writer process (it must not write on beside the next)."""
+        proc = self._process
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            try:
+                proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                log.error("audit writer process %d did not die", proc.pid)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self._transport = transport
         first: list[Any] = [(link.CONFIG, self.config)]
-        first.extend((link.SESSION, wire) for wire in self.sessions.values())
+        first.extend((link.SESSION, link.context_to_wire(c)) for c in self.sessions.values())
         transport.write(link.encode_frame(first))
         self._link_error = None
         if self._out:
@@ -134,29 +174,48 @@ class AuditLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if self._process is not None:
-            self._process.poll()
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(self.status)
         failed = self.tickets.take_all()
         if self._closing:
+            if self._process is not None:
+                self._process.poll()
             error: BaseException = AuditClosed("pgguard: the audit trail is closed")
         else:
+            # Whatever ended the link (the writer died, or its frames were unreadable), the
+            # old writer must be gone before the next one continues the chain.
+            self._stop_process()
             code = self._process.returncode if self._process is not None else None
             self._link_error = f"the audit writer process exited (status {code})"
             log.error("audit: %s; starting another", self._link_error)
             error = AuditUnavailable(f"pgguard: {self._link_error}")
-            if self._loop is not None:
-                self._respawn = self._loop.call_later(_RESPAWN_DELAY_S, self._start_again)
+            self._schedule_respawn()
         for callback in failed:
             _call(callback, error)
+
+    def _schedule_respawn(self) -> None:
+        if self._loop is None or self._closing or self._respawn is not None:
+            return
+        self._respawn = self._loop.call_later(self._respawn_delay, self._start_again)
 
     def _start_again(self) -> None:
         self._respawn = None
         if self._closing or self._loop is None:
             return
-        task = self._loop.create_task(self._spawn())
-        task.add_done_callback(_log_failure)
+        self._spawning = self._loop.create_task(self._spawn_or_retry())
+
+    async def _spawn_or_retry(self) -> None:
+        try:
+            await self._spawn()
+        except Exception as exc:
+            self._link_error = f"cannot start the audit writer process: {exc}"
+            log.error("audit: %s; trying again in %.1fs", self._link_error, self._respawn_delay)
+            self._respawn_delay = min(self._respawn_delay * 2, _RESPAWN_DELAY_MAX_S)
+            self._schedule_respawn()
+        else:
+            self._respawn_delay = _RESPAWN_DELAY_S
+        finally:
+            self._spawning = None
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -182,6 +241,7 @@ class AuditLink(asyncio.Protocol):
                 self.status = link.WriterStatus.from_wire(message[1])
             elif kind == link.CLOSED:
                 self.status = link.WriterStatus.from_wire(message[1])
+                self._got_closed = True
                 if self._closed is not None and not self._closed.done():
                     self._closed.set_result(self.status)
 
@@ -189,9 +249,8 @@ class AuditLink(asyncio.Protocol):
 
     def session(self, ctx: SessionContext) -> None:
         """A session's shared fields, before its first statement."""
-        wire = link.context_to_wire(ctx)
-        self.sessions[ctx.session_id] = wire
-        self._send((link.SESSION, wire))
+        self.sessions[ctx.session_id] = ctx
+        self._send((link.SESSION, link.context_to_wire(ctx)))
 
     def forget(self, session_id: str) -> None:
         """The session ended (after its last record)."""
@@ -276,7 +335,10 @@ class AuditLink(asyncio.Protocol):
             self._respawn = None
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
-        if self._transport is None and self._out and not self._closing:
+        if self._spawning is not None:
+            # A new writer is being started: let it take what is queued.
+            await asyncio.wait({self._spawning}, timeout=max(0.1, deadline - time.monotonic()))
+        elif self._transport is None and self._out and not self._closing:
             # between writers: give the next one a moment to take what is queued
             await self._spawn_now(deadline)
         self._closing = True
@@ -294,6 +356,8 @@ class AuditLink(asyncio.Protocol):
             except TimeoutError:
                 ok = False
                 log.error("audit writer did not finish within %.1f s", timeout)
+            if not self._got_closed:
+                ok = False  # it died (or timed out) before saying what it wrote
             if self._transport is not None:
                 self._transport.close()
         elif self._out:
@@ -335,8 +399,3 @@ def _call(callback: DurableCallback, error: BaseException | None) -> None:
         callback(error)
     except Exception:
         log.exception("audit on_durable callback failed")
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("audit: cannot start the writer process: %s", task.exception())

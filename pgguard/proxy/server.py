@@ -59,7 +59,8 @@ from pgguard.proxy.holds import ApprovalBroker, verdict_for
 
 log = logging.getLogger("pgguard.proxy")
 
-# Strict audit: a held result larger than this stops the upstream's reading until released.
+# Strict audit: once this much output is held (past a statement's CommandComplete, waiting
+# for its record), the upstream's reading stops until it is released.
 HELD_RESULT_BYTES = 256 * 1024
 AUDIT_UNAVAILABLE = Refusal(
     "audit", "the audit store is unavailable; statements are refused until it recovers"
@@ -261,6 +262,7 @@ class Session:
         self._stall_timer: asyncio.TimerHandle | None = None
         self._held_bytes = 0
         self._upstream_paused = False  # by a held result (strict audit)
+        self._client_paused = False  # the client's socket is not keeping up
         self.outcome = "aborted"  # metrics: pgguard_connections_total{result}
         self._approval: ApprovalRequest | None = None  # the request of a held statement
         self._held_text = ""
@@ -838,8 +840,8 @@ class Session:
                     self._held.append(to_client)
                     self._held_bytes += len(to_client)
                     if self._held_bytes > HELD_RESULT_BYTES and not self._upstream_paused:
-                        # A big result: stop reading it until the record is durable (a
-                        # small one is not worth two epoll changes per statement).
+                        # Much held output: stop reading the server until the record is
+                        # durable (a little is not worth two epoll changes per statement).
                         self._upstream_paused = True
                         upstream_transport.pause_reading()
                 else:
@@ -863,9 +865,10 @@ class Session:
 
         def client_paused(paused: bool) -> None:
             # The client cannot keep up: stop reading the server until it drains.
+            self._client_paused = paused
             if paused:
                 upstream_transport.pause_reading()
-            elif not upstream.closed:
+            elif not upstream.closed and not self._upstream_paused:
                 upstream_transport.resume_reading()
 
         def upstream_paused(paused: bool) -> None:
@@ -1042,8 +1045,9 @@ class Session:
             upstream = self.upstream
             if self._upstream_paused:
                 self._upstream_paused = False
-                if upstream is not None and upstream.transport is not None and not upstream.closed:
-                    upstream.transport.resume_reading()
+                transport = upstream.transport if upstream is not None else None
+                if transport is not None and not upstream.closed and not self._client_paused:  # type: ignore[union-attr]
+                    transport.resume_reading()
 
     def _cancel_upstream(self) -> None:
         """Cancel the running statement (the row limit was passed)."""
@@ -1418,7 +1422,16 @@ class Gateway:
                 log_level=self.settings.log.level,
                 log_format=self.settings.log.format,
                 worker=self.worker_id if self.settings.workers > 1 else None,
-            )
+            ),
+            secret_env=frozenset(
+                name
+                for name in (
+                    self.settings.upstream.password_env,
+                    self.settings.identity.secret_env,
+                    self.settings.masking.secret_env,
+                )
+                if name
+            ),
         )
         await self.audit.start()
 

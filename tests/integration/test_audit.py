@@ -493,8 +493,8 @@ def test_a_killed_writer_process_is_replaced_and_nothing_acknowledged_is_lost(
 
 
 def test_strict_mode_holds_a_large_result_whole(make_gateway: MakeGateway, tmp_path: Path) -> None:
-    """A result bigger than the held-bytes threshold pauses the upstream's reading until its
-    record is durable, then arrives whole; small ones after it are not disturbed."""
+    """A large result through strict mode arrives whole and in order (its completion held
+    until its record is durable, back-pressure intact), and small ones after it too."""
     gw = audited(make_gateway, tmp_path)
     with psycopg.connect(gw.dsn("big"), autocommit=True) as conn:
         rows = conn.execute(

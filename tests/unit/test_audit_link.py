@@ -179,6 +179,7 @@ def test_builder_follows_the_session() -> None:
     builder.forget("s")
     orphan = builder.statement("s", run, nothing, None)  # never lost, even unannounced
     assert orphan.session_id == "s" and orphan.user is None
+    assert builder.sessions == {}  # and nothing kept for it
 
 
 def test_builder_redaction_options() -> None:
@@ -338,6 +339,7 @@ def test_buffered_records_are_gathered_and_flushed_on_close(tmp_path: Path) -> N
 
 def test_a_refused_multi_statement_query_is_denied_as_a_unit() -> None:
     builder = RecordBuilder()
+    builder.session(SessionContext("i", "s", "10.0.0.1:5"))
     nothing: tuple[Any, ...] = (None, (), None, ())
 
     def run(sql: str, batch: int) -> StatementRun:
@@ -354,3 +356,17 @@ def test_a_refused_multi_statement_query_is_denied_as_a_unit() -> None:
         )
     ]
     assert decisions == [("deny", "no-ddl"), ("deny", "no-ddl"), ("allow", None), ("allow", None)]
+
+
+def test_records_made_elsewhere_get_the_same_redaction() -> None:
+    request = AuditRecord(
+        event="approval_request",
+        ts=1.0,
+        statement="update t set pin = '1234' where id = 7",
+        params=("secret", None),
+    )
+    assert RecordBuilder().redacted(request) is request
+    hidden = RecordBuilder(RecordOptions(redact_literals=True, redact_params=True))
+    record = hidden.redacted(request)
+    assert record.statement == "update t set pin = ? where id = ?"
+    assert record.params == ("***", None)
