@@ -25,6 +25,7 @@ _SET_PROMPT = re.compile(
     r"^\s*set\s+(?:session\s+|local\s+)?pgguard\.prompt_id\s*(?:=|to)\s*'((?:[^']|'')*)'\s*;?\s*$",
     re.IGNORECASE,
 )
+_QUOTED = re.compile(r'"(?:[^"]|"")*"')
 _RESET_PROMPT = re.compile(r"^\s*reset\s+pgguard\.prompt_id\s*;?\s*$", re.IGNORECASE)
 
 
@@ -172,8 +173,13 @@ def statement_record(
     extra = PlainExtra()  # str keys, JSON values: see its docstring
     if not run.executed:
         extra["executed"] = False
-    if run.error and decision != "deny":
-        extra["error"] = run.error[:500]
+    error = run.error
+    if error and options.redact_literals and (run.sqlstate or "").startswith("22"):
+        # Data exceptions quote the offending input: 'invalid input syntax for type
+        # integer: "abc"'.
+        error = _QUOTED.sub('"?"', error)
+    if error and decision != "deny":
+        extra["error"] = error[:500]
     sql = run.statement
     if literal_free(sql) is None:  # plain texts hold no string, so no secret
         sql = redact_secrets(sql)
@@ -183,6 +189,8 @@ def statement_record(
         preview = run.preview.to_dict()
         if sql is not run.statement:
             preview["statement"] = sql
+        if error is not run.error and preview.get("error"):
+            preview["error"] = {**preview["error"], "message": error}
         extra["preview"] = preview
     return ctx.base(
         "statement",

@@ -370,3 +370,15 @@ def test_records_made_elsewhere_get_the_same_redaction() -> None:
     record = hidden.redacted(request)
     assert record.statement == "update t set pin = ? where id = ?"
     assert record.params == ("***", None)
+
+
+def test_redacted_literals_stay_out_of_data_errors() -> None:
+    message = 'invalid input syntax for type integer: "4111-1111"'
+    run = StatementRun("simple", "select '4111-1111'::int", 1.0).finished(
+        1.1, sqlstate="22P02", error=message
+    )
+    nothing: tuple[Any, ...] = (None, (), None, ())
+    assert RecordBuilder().statement("s", run, nothing, None).extra["error"] == message
+    hidden = RecordBuilder(RecordOptions(redact_literals=True)).statement("s", run, nothing, None)
+    assert hidden.extra["error"] == 'invalid input syntax for type integer: "?"'
+    assert hidden.statement == "select ?::int"
