@@ -33,7 +33,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sized
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -112,9 +113,6 @@ DIRECTIONS: Final[tuple[str, ...]] = ("client_to_server", "server_to_client")
 
 #: Distinct ``column`` label values of ``pgguard_masked_values_total`` (more are ``other``).
 MAX_MASK_LABELS: Final = 512
-
-#: Statement durations kept between two folds (beyond it, durations are not observed).
-MAX_PENDING_DURATIONS: Final = 200_000
 
 DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.001,
@@ -246,7 +244,8 @@ class Tally:
         "bytes_client_to_server",
         "bytes_server_to_client",
         "connections",
-        "durations",
+        "duration_counts",
+        "duration_sum",
         "masked",
         "statements",
     )
@@ -257,7 +256,10 @@ class Tally:
         self.connections: dict[str, int] = {}
         self.auth_failures: dict[str, int] = {}
         self.statements: dict[tuple[str, str], int] = {}
-        self.durations: list[float] = []  # seconds, not yet observed
+        # Statement durations not yet folded, as the histogram keeps them: a count per
+        # bucket (the last one is +Inf) and the sum in seconds (no per-statement observe).
+        self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
         self.masked: dict[str, int] = {}
         self.approvals_pending = 0  # set by the approvals code; a gauge
 
@@ -282,8 +284,11 @@ class Tally:
             dec if dec in _DECISIONS else "unknown",
         )
         self.statements[key] = self.statements.get(key, 0) + 1
-        if duration_ms is not None and len(self.durations) < MAX_PENDING_DURATIONS:
-            self.durations.append(max(0.0, duration_ms / 1000.0))
+        if duration_ms is not None:
+            seconds = duration_ms / 1000.0 if duration_ms > 0 else 0.0
+            # bisect_left: the first bucket whose upper bound is >= seconds ("le").
+            self.duration_counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+            self.duration_sum += seconds
 
     def masked_values(self, counts: Mapping[str, int]) -> None:
         """Values masked per mask column pattern (``RowMasker.take_counts()``)."""
@@ -297,6 +302,24 @@ class Tally:
 
 
 # --------------------------------------------------------------------------- prometheus side
+
+
+def observe_many(histogram: Histogram, counts: Sequence[int], total: float) -> None:
+    """Add ``counts[i]`` observations to bucket ``i`` of ``histogram`` (the last: +Inf) and
+    ``total`` to its sum, at once. prometheus-client has no public call for this, so it uses
+    the two attributes its own ``observe`` updates; without them (another version), each
+    observation is replayed at its bucket's upper bound (the sum is then approximate)."""
+    buckets = getattr(histogram, "_buckets", None)
+    sum_value = getattr(histogram, "_sum", None)
+    if buckets is not None and sum_value is not None and len(buckets) == len(counts):
+        for value, n in zip(buckets, counts, strict=True):
+            if n:
+                value.inc(n)
+        sum_value.inc(total)
+        return
+    for bound, n in zip((*DURATION_BUCKETS, DURATION_BUCKETS[-1] * 2), counts, strict=False):
+        for _ in range(n):
+            histogram.observe(bound)
 
 
 def multiprocess_dir() -> str | None:
@@ -446,11 +469,11 @@ class MetricsCollector:
             stmts, tally.statements = tally.statements, {}
             for (cls, decision), count in stmts.items():
                 m.statements.labels(cls, decision).inc(count)
-        if tally.durations:
-            durations, tally.durations = tally.durations, []
-            observe = m.statement_duration.observe
-            for seconds in durations:
-                observe(seconds)
+        if any(tally.duration_counts):
+            counts, total = tally.duration_counts, tally.duration_sum
+            tally.duration_counts = [0] * len(counts)
+            tally.duration_sum = 0.0
+            observe_many(m.statement_duration, counts, total)
         if tally.masked:
             taken, tally.masked = tally.masked, {}
             for column, count in taken.items():

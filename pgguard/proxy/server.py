@@ -272,6 +272,7 @@ class Session:
         # of a text, valid for one guard epoch.
         self._kinds: dict[bytes | str, tuple[tuple[str, str], ...]] = {}  # by text or shape
         self._kinds_epoch = -1
+        self._last_kinds: tuple[bytes | None, tuple[tuple[str, str], ...], int] = (None, (), -1)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -988,17 +989,20 @@ class Session:
         statement as the audit trail splits it; classes from the guard's caches, "unknown"
         without a policy (then nothing is analysed for the metrics)."""
         guard = self.guard
-        policy = guard is not None and guard.state.policy is not None
-        if not policy:
-            body = sql.rstrip()
-            if b";" not in (body[:-1] if body.endswith(b";") else body):
-                return _ONE_UNKNOWN  # the pass-through case: no decoding, no cache
         epoch = guard.state.epoch[0] if guard is not None else 0
+        last = self._last_kinds
+        if sql is last[0] and epoch == last[2]:
+            return last[1]  # a prepared statement's text: the same object each time
+        if guard is None or guard.state.policy is None:
+            semicolon = sql.find(b";")
+            if semicolon < 0 or not sql[semicolon + 1 :].strip():
+                return _ONE_UNKNOWN  # the pass-through case: no decoding, no cache
         if epoch != self._kinds_epoch or len(self._kinds) >= _KINDS_CACHE:
             self._kinds.clear()
             self._kinds_epoch = epoch
         kinds = self._kinds.get(sql)
         if kinds is not None:
+            self._last_kinds = (sql, kinds, epoch)
             return kinds
         text = sql.decode("utf-8", "surrogateescape")
         # Texts that differ only in numbers share their kinds (pgbench and ORMs send a new
@@ -1016,6 +1020,7 @@ class Session:
                 for i in range(count)
             )
             self._kinds[shape if shape is not None else sql] = kinds
+        self._last_kinds = (sql, kinds, epoch)
         return kinds
 
     def _audit_stalled(self) -> None:

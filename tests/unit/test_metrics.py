@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgguard.identity import TOKEN_ERROR_REASONS
@@ -22,6 +22,7 @@ from pgguard.metrics import (
     ALL_METRICS,
     AUTH_FAILURE_REASONS,
     CONNECTION_RESULTS,
+    DURATION_BUCKETS,
     EXTRA_METRICS,
     MAX_MASK_LABELS,
     MULTIPROC_ENV,
@@ -29,6 +30,7 @@ from pgguard.metrics import (
     Metrics,
     MetricsCollector,
     Tally,
+    observe_many,
     worker_exited,
 )
 
@@ -197,7 +199,7 @@ def test_fold_moves_the_tally_into_the_metrics_once() -> None:
     assert value(s, "pgguard_client_connections") == 2
     assert value(s, "pgguard_approvals_pending") == 2
     assert value(s, "pgguard_policy_reload_failed") == 0
-    assert tally.connections == {} and tally.durations == []
+    assert tally.connections == {} and not any(tally.duration_counts)
 
     # More traffic: only the difference is added; gauges follow the state.
     tally.bytes_client_to_server += 50
@@ -250,13 +252,35 @@ def test_labels_are_bounded() -> None:
     assert tally.masked["other"] == 11
 
 
-def test_pending_durations_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pgguard.metrics.MAX_PENDING_DURATIONS", 3)
+def test_durations_are_kept_as_the_histogram_keeps_them() -> None:
     tally = Tally()
-    for _ in range(10):
-        tally.statement("read", "allow", 1.0)
-    assert len(tally.durations) == 3
-    assert tally.statements[("read", "allow")] == 10
+    for ms in (0.5, 1.0, 1.0001, 2500.0, 10_000_000.0, None, -3.0):
+        tally.statement("read", "allow", ms)
+    assert tally.statements[("read", "allow")] == 7
+    counts = tally.duration_counts
+    # le 0.001 holds 0.5 ms, exactly 1 ms and the negative one (as 0); 1.0001 ms goes to le
+    # 0.0025; 2.5 s to le 2.5; 10,000 s to +Inf.
+    assert counts[0] == 3 and counts[1] == 1 and counts[DURATION_BUCKETS.index(2.5)] == 1
+    assert counts[-1] == 1 and sum(counts) == 6
+    assert tally.duration_sum == pytest.approx((0.5 + 1.0 + 1.0001 + 2500.0 + 10_000_000.0) / 1000)
+
+
+def test_observe_many_matches_observe() -> None:
+    one, many = (
+        Histogram("h_seconds", "h", buckets=DURATION_BUCKETS, registry=CollectorRegistry())
+        for _ in range(2)
+    )
+    values = [0.0, 0.0004, 0.001, 0.0011, 0.3, 7.0, 1000.0]
+    tally = Tally()
+    for v in values:
+        one.observe(v)
+        tally.statement(None, None, v * 1000)
+    observe_many(many, tally.duration_counts, tally.duration_sum)
+
+    def samples(h: Histogram) -> list[tuple[str, dict[str, str], float]]:
+        return [(x.name, x.labels, round(x.value, 9)) for m in h.collect() for x in m.samples]
+
+    assert samples(many) == samples(one)
 
 
 def test_tally_has_no_instance_dict() -> None:
