@@ -1,8 +1,10 @@
-"""The audit writer: one background thread that seals records into the chain and writes them
-in batches (group commit) to every configured store.
+"""The audit writer: seals records into the chain and writes them in batches (group commit)
+to every configured store.
 
-Used from the asyncio relay, whose event loop must never block: ``submit`` only appends to an
-in-memory queue under a lock held for a few instructions. The writer thread takes everything
+pgguard runs it in the audit writer process (:mod:`pgguard.audit.daemon`) without a thread of
+its own, calling :meth:`AuditWriter.pump` from its one loop. Started with a thread (the
+default), it can serve a caller that must never block: ``submit`` only appends to an
+in-memory queue under a lock held for a few instructions, and the thread takes everything
 queued at that moment (up to ``batch_size``), seals each record (``instance_id``, ``seq``,
 ``prev_hash``, ``hash``), writes the batch to each store, and then reports.
 
