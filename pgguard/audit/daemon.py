@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from pgguard.audit import link
+from pgguard.audit.chain import Link
 from pgguard.audit.events import RecordBuilder, RecordOptions
 from pgguard.audit.records import AuditRecord
 from pgguard.audit.store import AuditStore, open_stores
@@ -115,6 +116,7 @@ class Daemon:
                 last_error=self.open_error,
             )
         error = w.last_error
+        head = w.head
         return link.WriterStatus(
             healthy=w.healthy,
             depth=w.depth,
@@ -123,6 +125,7 @@ class Daemon:
             dropped=w.dropped + self.dropped,
             abandoned=w.abandoned,
             last_error=None if error is None else f"{type(error).__name__}: {error}",
+            head=None if head is None else (head.seq, head.hash),
         )
 
     def open(self) -> bool:
@@ -141,6 +144,7 @@ class Daemon:
             instance_id=self.config.instance_id,
             queue_size=self.config.queue_size,
             start=False,
+            resume_hint=None if self.config.resume is None else Link(*self.config.resume),
         )
         waiting, self.waiting = self.waiting, []
         for record in waiting:

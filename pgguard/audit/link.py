@@ -106,6 +106,7 @@ class WriterConfig:
     log_level: str = "info"
     log_format: str = "text"
     worker: int | None = None
+    resume: tuple[int, str] | None = None  # the chain head a previous writer reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class WriterStatus:
     dropped: int = 0
     abandoned: int = 0  # records left unwritten when it stopped
     last_error: str | None = None
+    head: tuple[int, str] | None = None  # the chain's last sealed link (seq, hash)
 
     def to_wire(self) -> tuple[Any, ...]:
         return (
@@ -129,6 +131,7 @@ class WriterStatus:
             self.dropped,
             self.abandoned,
             self.last_error,
+            self.head,
         )
 
     @classmethod

@@ -81,6 +81,7 @@ class AuditWriter:
         retry_initial: float = 0.05,
         retry_max: float = 1.0,
         start: bool = True,
+        resume_hint: Link | None = None,
     ) -> None:
         if mode not in ("strict", "buffered"):
             raise ValueError(f"audit mode must be strict or buffered, not {mode!r}")
@@ -101,6 +102,9 @@ class AuditWriter:
         self._batch: list[_Item] = []  # sealed, being written (kept until every store has it)
         self._done: set[int] = set()  # stores that already committed the current batch
         self._chain = ChainState(instance_id)
+        # Where this instance's chain was when no store can say (stdout only): a writer
+        # started again after its predecessor died continues from it.
+        self._resume_hint = resume_hint
         self._resumed = False
         self._closing = False
         self._abandon = False
@@ -302,6 +306,8 @@ class AuditWriter:
             self._failed(exc, "reading the chain head")
             return False
         known = [h for h in heads if h is not None]
+        if not known and self._resume_hint is not None:
+            known = [self._resume_hint]
         head = max(known, key=lambda link: link.seq) if known else None
         self._chain.resume(head)
         with self._lock:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 from pgguard.audit import link
@@ -165,7 +166,11 @@ class AuditLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self._transport = transport
-        first: list[Any] = [(link.CONFIG, self.config)]
+        config = self.config
+        if self.status.head is not None:
+            # A writer after one that died: where the chain was, for stores that cannot say.
+            config = replace(config, resume=self.status.head)
+        first: list[Any] = [(link.CONFIG, config)]
         first.extend((link.SESSION, link.context_to_wire(c)) for c in self.sessions.values())
         transport.write(link.encode_frame(first))
         self._link_error = None
@@ -383,15 +388,7 @@ class AuditLink(asyncio.Protocol):
 
 
 def _unhealthy(status: link.WriterStatus, message: str) -> link.WriterStatus:
-    return link.WriterStatus(
-        False,
-        status.depth,
-        status.written,
-        status.errors,
-        status.dropped,
-        status.abandoned,
-        message,
-    )
+    return replace(status, healthy=False, last_error=message)
 
 
 def _call(callback: DurableCallback, error: BaseException | None) -> None:

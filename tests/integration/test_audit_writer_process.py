@@ -5,6 +5,7 @@ sessions re-sent as they are now, and signals at spawn."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -193,3 +194,27 @@ def test_the_writer_gets_no_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert await link.close(5)
 
     asyncio.run(main())
+
+
+def test_a_stdout_chain_continues_after_the_writer_is_replaced(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    async def main() -> None:
+        link = AuditLink(WriterConfig(url=None, jsonl="-", mode="strict", instance_id="out"))
+        await link.start()
+        for i in range(3):
+            assert await durable(link, AuditRecord(event="policy_reload", ts=float(i))) is None
+        await until(lambda: link.status.head is not None and link.status.head[0] == 3)
+        old = link.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        await until(lambda: link.healthy and link.pid != old, timeout=20)
+        for i in range(3, 5):
+            assert await durable(link, AuditRecord(event="policy_reload", ts=float(i))) is None
+        assert await link.close(5)
+
+    asyncio.run(main())
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    records = [AuditRecord.from_json(json.loads(line)) for line in lines]
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert verify_stream(enumerate(records)).ok
