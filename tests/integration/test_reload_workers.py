@@ -141,26 +141,10 @@ def test_sighup_reloads_the_policy_in_every_worker(
     policy = tmp_path / "policy.yaml"
     policy.write_text(padded(ALLOW_ALL, POLICY_SIZE))
     trail = tmp_path / "audit.jsonl"
-    gw = make_gateway(
-        workers=2,
-        policies=[str(policy)],
-        audit={"url": None, "jsonl": str(trail), "mode": "strict"},
-        log={"format": "json", "level": "info"},
-    )
-    assert gw.proc is not None
     # Both workers have installed their signal handlers once they logged that they listen
     # (the handler is set up right after that line, with no await in between).
-    wait_until(
-        lambda: (
-            {
-                e.get("worker")
-                for e in log_events(gw)
-                if str(e.get("event")).startswith("pgguard lis")
-            }
-            == {0, 1}
-        ),
-        "both workers to listen",
-    )
+    gw, _ = start_two_workers(make_gateway, policy, trail)
+    assert gw.proc is not None
 
     def served_by(tag: str) -> set[str]:
         """Workers whose audit trail holds a statement of the connection tagged ``tag``."""
