@@ -33,12 +33,19 @@ fails if the chain does not reach an anchor (``deleted``) or holds another hash 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from pgguard.audit.records import AuditRecord, format_ts, storable, with_link
+from pgguard.audit.jsoncodec import canonical_json
+from pgguard.audit.records import (
+    AuditRecord,
+    PlainExtra,
+    format_ts,
+    set_link,
+    storable,
+    with_link,
+)
 
 ZERO_HASH = "0" * 64
 
@@ -47,14 +54,14 @@ BreakKind = Literal["edited", "deleted", "inserted", "reordered"]
 
 def canonical(record: AuditRecord) -> bytes:
     """The bytes a record's hash covers: its JSON form without ``hash``, canonicalised."""
-    return _dumps(_hashed(record, record.instance_id, record.seq, record.prev_hash))
+    return _dumps(record, _hashed(record, record.instance_id, record.seq, record.prev_hash))
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def _dumps(data: dict[str, object]) -> bytes:
-    return _CANONICAL.encode(data).encode("ascii")
+def _dumps(record: AuditRecord, data: dict[str, object]) -> bytes:
+    # Every field but ``extra`` is finite by construction (AuditRecord.__post_init__); an
+    # ``extra`` pgguard's record builder made is too (PlainExtra).
+    extra = record.extra
+    return canonical_json(data, finite=not extra or type(extra) is PlainExtra)
 
 
 def _hashed(
@@ -116,12 +123,19 @@ def is_sealed(record: AuditRecord) -> bool:
     )
 
 
-def seal(record: AuditRecord, instance_id: str, seq: int, prev_hash: str) -> AuditRecord:
+def seal(
+    record: AuditRecord, instance_id: str, seq: int, prev_hash: str, in_place: bool = False
+) -> AuditRecord:
     """``record`` as link ``seq`` of ``instance_id``'s chain, after ``prev_hash``; made
-    :func:`~pgguard.audit.records.storable` first, so that it survives any store unchanged."""
+    :func:`~pgguard.audit.records.storable` first, so that it survives any store unchanged.
+    ``in_place``: the caller owns ``record`` (nothing else holds it), so its chain fields are
+    set on it (or on its storable copy) rather than on another copy."""
     record = storable(record)
     h = hashlib.sha256(prev_hash.encode("ascii"))
-    h.update(_dumps(_hashed(record, instance_id, seq, prev_hash)))
+    h.update(_dumps(record, _hashed(record, instance_id, seq, prev_hash)))
+    if in_place:
+        set_link(record, instance_id, seq, prev_hash, h.hexdigest())
+        return record
     return with_link(record, instance_id, seq, prev_hash, h.hexdigest())
 
 
@@ -146,10 +160,10 @@ class ChainState:
         """Continue after ``head`` (the last stored link of this instance), if any."""
         self.head = head
 
-    def next(self, record: AuditRecord) -> AuditRecord:
+    def next(self, record: AuditRecord, in_place: bool = False) -> AuditRecord:
         seq = self.head.seq + 1 if self.head else 1
         prev = self.head.hash if self.head else ZERO_HASH
-        sealed = seal(record, self.instance_id, seq, prev)
+        sealed = seal(record, self.instance_id, seq, prev, in_place)
         assert sealed.hash is not None
         self.head = Link(seq, sealed.hash)
         return sealed

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import select
@@ -145,6 +146,7 @@ class Daemon:
             queue_size=self.config.queue_size,
             start=False,
             resume_hint=None if self.config.resume is None else Link(*self.config.resume),
+            seal_in_place=True,  # every record was built (or unpickled) here
         )
         waiting, self.waiting = self.waiting, []
         for record in waiting:
@@ -307,6 +309,10 @@ def main(argv: list[str]) -> int:
     setup_logging(config.log_level, config.log_format)
     daemon = Daemon(sock, config)
     daemon.open()  # before any record: a strict statement fails only if the store cannot open
+    # Records are freed by reference counting; keep the cyclic collector from walking the
+    # long-lived start-up objects (SQLAlchemy, pglast) every few thousand records.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     close_timeout: float | None = None
     for message in pending[1:]:
         close_timeout = daemon.handle(message)

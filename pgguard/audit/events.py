@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PlainExtra, PromptSource
@@ -137,7 +136,10 @@ class Fingerprints:
         self._cache: dict[str, str | None] = {}
 
     def __call__(self, sql: str) -> str | None:
-        key = literal_free(sql)
+        return self.by_shape(sql, literal_free(sql))
+
+    def by_shape(self, sql: str, key: str | None) -> str | None:
+        """``key``: ``literal_free(sql)``, when the caller has it already."""
         if key is None:
             return fingerprint(sql)
         try:
@@ -161,7 +163,7 @@ def statement_record(
     audit_only: tuple[str, ...] = (),
     approval_id: str | None = None,
     options: RecordOptions = RecordOptions(),
-    fingerprints: Callable[[str], str | None] = fingerprint,
+    fingerprints: Fingerprints | None = None,
 ) -> AuditRecord:
     """The record of one statement run. ``statement_class``, ``objects`` and ``command``
     come from the guard's analysis (when there is one); ``approval_id`` is the approval the
@@ -181,7 +183,8 @@ def statement_record(
     if error and decision != "deny":
         extra["error"] = error[:500]
     sql = run.statement
-    if literal_free(sql) is None:  # plain texts hold no string, so no secret
+    shape = literal_free(sql)
+    if shape is None:  # plain texts hold no string, so no secret
         sql = redact_secrets(sql)
     if options.redact_literals:
         sql = redact_literals(sql)
@@ -201,7 +204,9 @@ def statement_record(
         statement_name=run.statement_name,
         portal=run.portal,
         statement=sql,
-        fingerprint=fingerprints(run.statement),
+        fingerprint=fingerprint(run.statement)
+        if fingerprints is None
+        else fingerprints.by_shape(run.statement, shape),
         params=encode_params(
             run.params,
             run.param_formats,

@@ -22,6 +22,7 @@ import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any
 
 from pgguard.audit.events import SessionContext
@@ -142,19 +143,22 @@ class WriterStatus:
 # -- statements and sessions --------------------------------------------------------------
 
 
-_RUN_FIELDS = tuple(f.name for f in fields(StatementRun))
-_PREVIEW = _RUN_FIELDS.index("preview")
+_PREVIEW = StatementRun._fields.index("preview")
+_PREVIEW_FIELDS = tuple(f.name for f in fields(RecordedStatement))
+_ERROR = _PREVIEW_FIELDS.index("error")
+_preview_values = attrgetter(*_PREVIEW_FIELDS)
 
 
 def run_to_wire(run: StatementRun) -> tuple[Any, ...]:
     """The run's fields in order, its preview as a tuple too (``RecordedError`` as a pair)."""
-    wire = [getattr(run, name) for name in _RUN_FIELDS]
     p = run.preview
-    if p is not None:
-        error = None if p.error is None else (p.error.sqlstate, p.error.message)
-        preview = [getattr(p, f.name) for f in fields(p)]
-        preview[-2] = error
-        wire[_PREVIEW] = tuple(preview)
+    if p is None:
+        return tuple(run)  # a plain tuple: pickled without a reference to the class
+    wire = list(run)
+    preview = list(_preview_values(p))
+    if p.error is not None:
+        preview[_ERROR] = (p.error.sqlstate, p.error.message)
+    wire[_PREVIEW] = tuple(preview)
     return tuple(wire)
 
 

@@ -186,11 +186,14 @@ class SessionRecorder:
         self._done.append(current.close(None, RecordedError(sqlstate, message)))
         self._open = None
 
-    def finish(self, command_tag: str | None) -> None:
-        """The statement completed: CommandComplete's tag, ``""`` for EmptyQueryResponse."""
+    def finish(self, command_tag: str | None) -> RecordedStatement:
+        """The statement completed: CommandComplete's tag, ``""`` for EmptyQueryResponse.
+        Returns its entry."""
         current = self._current()
-        self._done.append(current.close(command_tag, None))
+        entry = current.close(command_tag, None)
+        self._done.append(entry)
         self._open = None
+        return entry
 
     def entries(self) -> list[RecordedStatement]:
         """Statements so far, including the open one (as it stands)."""

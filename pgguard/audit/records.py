@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
+from itertools import chain
+from operator import attrgetter
 from typing import Any, Literal, cast
 
 EventKind = Literal[
@@ -134,8 +136,27 @@ _JSON_ESCAPES = {
 
 def format_ts(ts: float) -> str:
     """Epoch seconds → ISO-8601 UTC with microseconds, e.g. ``2024-05-01T12:00:00.123456Z``."""
-    # isoformat ends in "+00:00" for UTC; it is faster than strftime and pads the year
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    # The microseconds rounded as datetime.fromtimestamp rounds them (half to even), so that
+    # the text is the one datetime would give; the seconds' text is cached (records of one
+    # second share it, and building a datetime costs more than the rest).
+    frac, whole = math.modf(ts)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:
+        whole -= 1.0
+        micros += 1_000_000
+    global _ts_second, _ts_prefix
+    if whole != _ts_second:
+        # isoformat ends in "+00:00" for UTC; it is faster than strftime and pads the year
+        _ts_prefix = datetime.fromtimestamp(whole, tz=UTC).isoformat(timespec="seconds")[:-6]
+        _ts_second = whole
+    return f"{_ts_prefix}.{micros:06d}Z"
+
+
+_ts_second = math.nan
+_ts_prefix = ""
 
 
 def parse_ts(value: str | float | int) -> float:
@@ -295,6 +316,15 @@ def with_link(
     return new
 
 
+def set_link(record: AuditRecord, instance_id: str, seq: int, prev_hash: str, hash_: str) -> None:
+    """Set ``record``'s chain fields in place: only for a record nothing else holds (the
+    writer process's own), where a copy of 34 fields would cost more than sealing it."""
+    object.__setattr__(record, "instance_id", instance_id)
+    object.__setattr__(record, "seq", seq)
+    object.__setattr__(record, "prev_hash", prev_hash)
+    object.__setattr__(record, "hash", hash_)
+
+
 def clean_str(value: str) -> str:
     """A string any store accepts: no NUL (PostgreSQL text), no lone surrogates (UTF-8)."""
     if "\x00" in value:
@@ -318,6 +348,10 @@ def storable(record: AuditRecord) -> AuditRecord:
     :data:`INDEXED_FIELD_MAX` characters; ``extra`` becomes plain JSON (values JSON cannot
     hold become strings, keys become strings). Returns ``record`` itself when nothing changes.
     """
+    extra = record.extra
+    plain_extra = not extra or type(extra) is PlainExtra
+    if plain_extra and _plain_strings(record):
+        return record  # the common case, decided without a copy
     changes: dict[str, Any] = {}
     for name in _STR_FIELDS:
         value = getattr(record, name)
@@ -341,8 +375,7 @@ def storable(record: AuditRecord) -> AuditRecord:
         items = getattr(record, name)
         if any(v is not None and type(v) is not str for v in items):
             changes[name] = tuple(v if v is None else str(v) for v in items)
-    extra = record.extra
-    if extra and type(extra) is not PlainExtra and not (type(extra) is dict and _plain_json(extra)):
+    if not plain_extra and not (type(extra) is dict and _plain_json(extra)):
         plain = json.loads(json.dumps(extra, default=str, ensure_ascii=True))
         if not isinstance(plain, dict):
             plain = {"value": plain}
@@ -350,10 +383,34 @@ def storable(record: AuditRecord) -> AuditRecord:
     return replace(record, **changes) if changes else record
 
 
+_str_values = attrgetter(*_STR_FIELDS)
+_indexed_values = attrgetter(*_INDEXED_FIELDS)
+_tuple_values = attrgetter(*_TUPLE_FIELDS)
+
+
+_STR_OR_NONE = frozenset({str, type(None)})
+
+
+def _plain_strings(record: AuditRecord) -> bool:
+    """Whether every string field is already storable (str or None; ASCII, no NUL, indexed
+    ones short) and every tuple holds only str or None: a few C-level passes instead of a
+    Python loop over the fields."""
+    values = _str_values(record)
+    if not set(map(type, values)) <= _STR_OR_NONE:
+        return False
+    text = "".join(filter(None, values))
+    if not text.isascii() or "\x00" in text:
+        return False
+    if max(map(len, filter(None, _indexed_values(record))), default=0) > INDEXED_FIELD_MAX:
+        return False
+    return set(map(type, chain.from_iterable(_tuple_values(record)))) <= _STR_OR_NONE
+
+
 class PlainExtra(dict[str, Any]):
     """An ``extra`` built by pgguard's own record builder out of str keys and JSON values
-    only, so :func:`storable` need not check it (the check is a recursive walk over, e.g.,
-    every cell of a session-recording preview, on the writer's hot path)."""
+    only (no NaN or infinite float), so :func:`storable` need not check it (a recursive walk
+    over, e.g., every cell of a session-recording preview, on the writer's hot path) and the
+    fast JSON encoder may write it (:mod:`pgguard.audit.jsoncodec`)."""
 
     __slots__ = ()
 

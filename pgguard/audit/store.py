@@ -60,7 +60,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from pgguard.audit.chain import Link
-from pgguard.audit.records import JSON_KEYS, AuditRecord, decode_extra
+from pgguard.audit.jsoncodec import compact_json
+from pgguard.audit.records import JSON_KEYS, AuditRecord, PlainExtra, decode_extra
 
 SCHEMA_VERSION_TABLE = "pgguard_schema"
 RECORDS_TABLE = "audit_records"
@@ -173,15 +174,13 @@ MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+def _dumps_list(items: tuple[str | None, ...]) -> str:
+    # Sealed records hold tuples of str or None here (storable), so no float at all.
+    return compact_json(items, finite=True) if items else "[]"
 
 
-def _dumps(value: Any) -> str:
-    return _JSON.encode(value)
-
-
-def _dumps_list(items: tuple[Any, ...]) -> str:
-    return _JSON.encode(list(items)) if items else "[]"
+def _dumps_extra(extra: Mapping[str, Any]) -> str:
+    return compact_json(extra, finite=type(extra) is PlainExtra)
 
 
 # Insert columns, in the order of _row_tuple.
@@ -228,7 +227,7 @@ def _row_tuple(r: AuditRecord) -> tuple[Any, ...]:
         r.duration_ms,
         r.prev_hash,
         r.hash,
-        _dumps(r.extra) if r.extra else None,
+        _dumps_extra(r.extra) if r.extra else None,
     )
 
 
@@ -537,10 +536,10 @@ class SqlStore:
             q = q.where(t.c.ts < hi)
         if table is not None:
             if "." in table:
-                q = q.where(self._contains(t.c.objects, _dumps(table)))
+                q = q.where(self._contains(t.c.objects, compact_json(table)))
             else:
                 # a bare name: "name" (unqualified) or ….name" (any schema)
-                quoted = _dumps(table)
+                quoted = compact_json(table)
                 q = q.where(
                     self._contains(t.c.objects, quoted)
                     | self._contains(t.c.objects, "." + quoted[1:])

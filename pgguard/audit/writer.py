@@ -82,7 +82,11 @@ class AuditWriter:
         retry_max: float = 1.0,
         start: bool = True,
         resume_hint: Link | None = None,
+        seal_in_place: bool = False,
     ) -> None:
+        """``seal_in_place``: the submitted records are the writer's own (nothing else holds
+        them; the writer process builds them), so sealing sets their chain fields instead of
+        copying them."""
         if mode not in ("strict", "buffered"):
             raise ValueError(f"audit mode must be strict or buffered, not {mode!r}")
         if not instance_id:
@@ -90,6 +94,7 @@ class AuditWriter:
         self.stores = list(stores)
         self.mode: Mode = mode
         self.instance_id = instance_id
+        self.seal_in_place = seal_in_place
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.retry_initial = retry_initial
@@ -324,7 +329,7 @@ class AuditWriter:
         batch: list[_Item] = []
         for record, callback in items:
             try:
-                sealed = self._chain.next(record)
+                sealed = self._chain.next(record, self.seal_in_place)
             except Exception as exc:  # a record nothing can serialise: a producer bug
                 log.exception("audit record dropped: cannot be sealed")
                 with self._lock:

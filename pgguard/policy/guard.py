@@ -178,6 +178,8 @@ class SessionGuard:
         self._decided: dict[int, tuple[tuple[StatementFacts, ...], Decision]] = {}
         self._decided_epoch = state.epoch[0]
         self._plain: dict[str, Judgement] = {}  # judgements of plain reads, by literal-free text
+        # describe() results of plain reads, by literal-free text (cleared with _plain)
+        self._described: dict[str, tuple[StatementFacts | None, tuple[str, ...]]] = {}
         # SQL-level PREPAREs of this session, so that EXECUTE is judged as what it runs.
         self.prepared: dict[str, StatementFacts] = {}
         self.current_user = current_user
@@ -213,11 +215,16 @@ class SessionGuard:
             self.on_judgement(sql, judgement)
         return judgement.refusal
 
-    def judge(self, sql: str) -> Judgement:
+    def _check_epoch(self) -> None:
+        """Forget what the session remembered if the policy or a catalog changed since."""
         if self._decided_epoch != self.state.epoch[0]:
             self._decided.clear()
             self._plain.clear()
+            self._described.clear()
             self._decided_epoch = self.state.epoch[0]
+
+    def judge(self, sql: str) -> Judgement:
+        self._check_epoch()
         plain_key = None
         if not self.pending_paths:
             plain_key = literal_free(sql)
@@ -294,7 +301,16 @@ class SessionGuard:
 
     def describe(self, sql: str) -> tuple[StatementFacts | None, tuple[str, ...]]:
         """Facts of one statement's text and the audit_only rules it matches, for its audit
-        record (from the caches when the statement was judged)."""
+        record (from the caches when the statement was judged). Plain reads that differ only
+        in numbers share one answer (no fingerprint per statement)."""
+        key = None
+        if not self.pending_paths:
+            self._check_epoch()
+            key = literal_free(sql)
+            if key is not None:
+                known = self._described.get(key)
+                if known is not None:
+                    return known
         try:
             facts = self.state.analyse(self.database, self.search_path, self.current_user, sql)
         except AnalysisError:
@@ -304,7 +320,12 @@ class SessionGuard:
         audit_only: tuple[str, ...] = ()
         if self.state.policy is not None:
             audit_only = self._decide(self.state.policy, facts).audit_only_rules
-        return facts[0], audit_only
+        described = (facts[0], audit_only)
+        if key is not None and _shape_cacheable(facts):
+            if len(self._described) >= 4096:
+                self._described.clear()
+            self._described[key] = described
+        return described
 
     def statement_kinds(self, sql: str) -> tuple[tuple[str, bool], ...] | None:
         """Each statement's class and whether an audit_only rule matched it, for the
@@ -338,6 +359,7 @@ class SessionGuard:
         previous = self.search_path
         self.search_path = effective_search_path(setting, self.current_user)
         self._plain.clear()
+        self._described.clear()
         self.pending_paths = [previous] if in_transaction and previous != self.search_path else []
 
     def _note_effects(self, facts: Sequence[StatementFacts]) -> None:

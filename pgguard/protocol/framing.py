@@ -137,9 +137,10 @@ class Scanner:
     ``feed(data)`` returns the same as a list of ``bytes`` runs and ``Frame`` objects.
     """
 
-    __slots__ = ("_intercept", "_limit", "_need", "_pending", "_skip")
+    __slots__ = ("_intercept", "_intercepting", "_limit", "_need", "_pending", "_skip")
 
     def __init__(self, intercept: bytes, max_message_bytes: int) -> None:
+        self._intercepting = intercept
         self._intercept = self._table(intercept)
         self._limit = max_message_bytes
         # A partial header, or a partial intercepted message (a bytearray, so that a large
@@ -156,7 +157,9 @@ class Scanner:
         return table
 
     def set_intercept(self, intercept: bytes) -> None:
-        self._intercept = self._table(intercept)
+        if intercept != self._intercepting:  # the audit's preview sets it per statement
+            self._intercepting = intercept
+            self._intercept = self._table(intercept)
 
     def idle(self) -> bool:
         """True when no message is partially received."""

@@ -119,6 +119,17 @@ class BodyReader:
             raise ProtocolError(f"{self._what}: {len(self._buf) - self._pos} trailing bytes")
 
 
+def _only_cstring(body: bytes, what: str) -> str:
+    """A body that is one NUL-terminated string (Query, CommandComplete: one per statement,
+    so read without a BodyReader)."""
+    end = body.find(b"\0")
+    if end < 0:
+        raise ProtocolError(f"{what}: unterminated string")
+    if end != len(body) - 1:
+        raise ProtocolError(f"{what}: {len(body) - end - 1} trailing bytes")
+    return body[:end].decode("utf-8", "surrogateescape")
+
+
 def _cstr(text: str) -> bytes:
     raw = _raw(text)
     if b"\0" in raw:
@@ -262,10 +273,7 @@ class Query(Message):
 
     @classmethod
     def decode_body(cls, body: bytes) -> Query:
-        r = BodyReader(body, "Query")
-        sql = r.cstring()
-        r.end()
-        return cls(sql)
+        return cls(_only_cstring(body, "Query"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,10 +662,7 @@ class CommandComplete(Message):
 
     @classmethod
     def decode_body(cls, body: bytes) -> CommandComplete:
-        r = BodyReader(body, "CommandComplete")
-        tag = r.cstring()
-        r.end()
-        return cls(tag)
+        return cls(_only_cstring(body, "CommandComplete"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,14 +753,42 @@ class RowDescription(Message):
 
     @classmethod
     def decode_body(cls, body: bytes) -> RowDescription:
-        r = BodyReader(body, "RowDescription")
-        fields = []
-        for _ in range(r.uint16()):
-            name = r.cstring()
-            t_oid, attr, ty, size, mod, fmt = _FIELD.unpack(r.raw(_FIELD.size))
-            fields.append(FieldDescription(name, t_oid, attr, ty, size, mod, fmt))
-        r.end()
-        return cls(tuple(fields))
+        return cls(tuple(FieldDescription(name, *rest) for name, rest in _row_description(body)))
+
+    @staticmethod
+    def columns_of(body: bytes) -> tuple[list[str], list[int]]:
+        """The column names and format codes of a RowDescription body (as strictly checked
+        as :meth:`decode_body`, without building its field objects: the audit's preview
+        needs only these, once per statement)."""
+        names: list[str] = []
+        formats: list[int] = []
+        for name, rest in _row_description(body):
+            names.append(name)
+            formats.append(rest[5])
+        return names, formats
+
+
+def _row_description(body: bytes) -> list[tuple[str, tuple[int, int, int, int, int, int]]]:
+    """Each field of a RowDescription body: its name and the six numbers after it."""
+    n = len(body)
+    if n < 2:
+        raise ProtocolError("RowDescription: message too short")
+    (count,) = _U16.unpack_from(body, 0)
+    pos = 2
+    unpack = _FIELD.unpack_from
+    out = []
+    for _ in range(count):
+        end = body.find(b"\0", pos)
+        if end < 0:
+            raise ProtocolError("RowDescription: unterminated string")
+        name = body[pos:end].decode("utf-8", "surrogateescape")
+        pos = end + 1 + 18
+        if pos > n:
+            raise ProtocolError("RowDescription: message too short")
+        out.append((name, unpack(body, pos - 18)))
+    if pos != n:
+        raise ProtocolError(f"RowDescription: {n - pos} trailing bytes")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -768,10 +801,37 @@ class DataRow(Message):
 
     @classmethod
     def decode_body(cls, body: bytes) -> DataRow:
-        r = BodyReader(body, "DataRow")
-        values = tuple(r.nullable_bytes() for _ in range(r.uint16()))
-        r.end()
-        return cls(values)
+        return cls(data_row_values(body))
+
+
+def data_row_values(body: bytes) -> tuple[bytes | None, ...]:
+    """The values of a DataRow body (inline rather than through a BodyReader: rows are the
+    most frequent message a preview or a mask decodes)."""
+    n = len(body)
+    if n < 2:
+        raise ProtocolError("DataRow: message too short")
+    (count,) = _U16.unpack_from(body, 0)
+    pos = 2
+    unpack = _I32.unpack_from
+    values: list[bytes | None] = []
+    for _ in range(count):
+        if pos + 4 > n:
+            raise ProtocolError("DataRow: message too short")
+        (size,) = unpack(body, pos)
+        pos += 4
+        if size < 0:
+            if size != -1:
+                raise ProtocolError(f"DataRow: negative length {size}")
+            values.append(None)
+            continue
+        end = pos + size
+        if end > n:
+            raise ProtocolError("DataRow: message too short")
+        values.append(body[pos:end])
+        pos = end
+    if pos != n:
+        raise ProtocolError(f"DataRow: {n - pos} trailing bytes")
+    return tuple(values)
 
 
 @dataclass(frozen=True, slots=True)

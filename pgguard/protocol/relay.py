@@ -24,7 +24,6 @@ from pgguard.protocol.messages import (
     Bind,
     Close,
     CommandComplete,
-    DataRow,
     ErrorResponse,
     Execute,
     FunctionCall,
@@ -34,6 +33,7 @@ from pgguard.protocol.messages import (
     ProtocolError,
     Query,
     RowDescription,
+    data_row_values,
     error_fields,
 )
 from pgguard.protocol.statements import StatementRun, StatementTracker
@@ -691,16 +691,16 @@ class RelayCore:
             preview = self._preview
             if preview is not None and self._preview_count < self._preview_limits[0]:
                 end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
-                preview.row(DataRow.decode_body(buf[pos + 5 : end]).values)
+                preview.row(data_row_values(buf[pos + 5 : end]))
                 self._preview_count += 1
                 if self._preview_count >= self._preview_limits[0]:
                     self._previewing(False)
             return
         if t == _T:
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
-            fields = RowDescription.decode_body(buf[pos + 5 : end]).fields
+            names, formats = RowDescription.columns_of(buf[pos + 5 : end])
             self._preview = SessionRecorder(*self._preview_limits)
-            self._preview.start("", [f.name for f in fields], [f.format for f in fields])
+            self._preview.start("", names, formats)
             self._preview_count = 0
             self._previewing(True)
             return
@@ -714,8 +714,7 @@ class RelayCore:
             masked = self.masking.last_masked if self.masking is not None else ()
             entry = None
             if self._preview is not None and runs:
-                self._preview.finish(tag)
-                entry = self._preview.entries()[-1]
+                entry = self._preview.finish(tag)
                 sent = runs[-1].rows
                 if sent is not None and sent > entry.row_count:
                     # Rows past the preview were not decoded: the tag says how many there were.
@@ -851,7 +850,7 @@ class RelayCore:
         if t == _T:
             self._internal_rows = []
         elif t == _D:
-            values = DataRow.decode_body(body).values
+            values = data_row_values(body)
             self._internal_rows.append(
                 tuple(None if v is None else v.decode("utf-8", "replace") for v in values)
             )

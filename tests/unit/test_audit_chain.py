@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import UTC, datetime
 from dataclasses import replace
 from typing import Any
 
@@ -169,6 +170,16 @@ def test_iso_timestamp_round_trips_at_microsecond_precision(ts: float) -> None:
     assert format_ts(parse_ts(iso)) == iso
 
 
+@given(st.floats(min_value=-1e10, max_value=4e10, allow_nan=False))
+def test_iso_timestamp_is_what_datetime_writes(ts: float) -> None:
+    # format_ts rounds and caches by itself; the text must be datetime's, always.
+    expected = datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="microseconds")
+    assert format_ts(ts) == expected[:-6] + "Z"
+    assert format_ts(ts + 0.5) == (
+        datetime.fromtimestamp(ts + 0.5, tz=UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    )
+
+
 def test_storable_cleans_and_caps() -> None:
     r = storable(
         full_record(
@@ -183,6 +194,41 @@ def test_storable_cleans_and_caps() -> None:
     assert r.extra == {"1": {"when": str(object)}, "t": [1, 2]}
     clean = full_record()
     assert storable(replace(clean, extra={})) == replace(clean, extra={})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"statement": "select '\x00'"},
+        {"user": "\udc80"},
+        {"client_addr": 5},
+        {"session_id": "s" * (INDEXED_FIELD_MAX + 1)},
+        {"groups": ("a", 7)},
+        {"params": (None, b"x")},
+        {"objects": (0,)},
+    ],
+)
+def test_storable_sees_each_kind_of_unstorable_field(change: dict[str, Any]) -> None:
+    # The quick all-fields check must send every one of these down the cleaning path.
+    record = replace(full_record(extra={}), **change)
+    cleaned = storable(record)
+    assert cleaned is not record
+    for name in change:
+        value = getattr(cleaned, name)
+        if isinstance(value, tuple):
+            assert all(v is None or isinstance(v, str) for v in value)
+        else:
+            assert isinstance(value, str) and "\x00" not in value
+            value.encode("utf-8")
+            assert len(value) <= max(INDEXED_FIELD_MAX, len(str(change[name])))
+    assert storable(cleaned) is cleaned
+
+
+def test_sealing_in_place_gives_the_same_link_as_a_copy() -> None:
+    copy_sealed = seal(full_record(), "inst", 3, ZERO_HASH)
+    owned = full_record()
+    in_place = seal(owned, "inst", 3, ZERO_HASH, in_place=True)
+    assert in_place is owned and in_place == copy_sealed and is_sealed(in_place)
 
 
 # -- sealing -----------------------------------------------------------------------------

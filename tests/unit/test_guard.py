@@ -158,3 +158,31 @@ def test_statement_kinds_without_a_policy_analyse_nothing(monkeypatch: pytest.Mo
     g = SessionGuard(st, agent(), "app", role_mapped=False)
     monkeypatch.setattr(st, "analyse", lambda *args: pytest.fail("analysed"))
     assert g.statement_kinds("select 1") is None
+
+
+def test_describe_reuses_the_answer_for_plain_reads_that_differ_in_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    st = GuardState(policy_in_force(parse_policy(WATCH_POLICY)))
+    st.set_catalog("app", CATALOG)
+    g = guard(st)
+    facts, audit_only = g.describe("select abalance from accounts where aid = 1")
+    assert facts is not None and facts.tables == ("public.accounts",)
+    assert audit_only == ("watch-accounts",)
+    monkeypatch.setattr(st, "analyse", lambda *args: pytest.fail("analysed again"))
+    assert g.describe("select abalance from accounts where aid = 99") == (facts, audit_only)
+    monkeypatch.undo()
+    # A new search_path or catalog means a new answer.
+    g.search_path_confirmed("vault")
+    facts, _ = g.describe("select secret from accounts where aid = 1")
+    assert facts is not None and facts.tables == ("vault.accounts",)
+    st.set_catalog("app", CatalogSnapshot(relations=[], functions=[]))
+    facts, _ = g.describe("select secret from accounts where aid = 2")
+    assert facts is not None and "not in the catalog" in " ".join(facts.notes)
+    # A write's answer may depend on its literals: never shared.
+    calls: list[str] = []
+    real = st.analyse
+    monkeypatch.setattr(st, "analyse", lambda *a: calls.append(a[-1]) or real(*a))
+    g.describe("delete from accounts where aid = 1")
+    g.describe("delete from accounts where aid = 2")
+    assert len(calls) == 2

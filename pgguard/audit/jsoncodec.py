@@ -1,0 +1,64 @@
+"""JSON encodings of audit records, fast where it is safe. Pure: no I/O.
+
+The hash chain covers :func:`canonical_json`: the bytes of ``json.JSONEncoder(sort_keys=True,
+separators=(",", ":"), ensure_ascii=True)``. That encoder costs ~20 µs for a statement record
+on the writer's hot path; orjson produces the same bytes in a fifth of the time for every
+record whose output is plain ASCII and holds no float in the ranges where the two format
+floats differently. :func:`canonical_json` uses orjson then and the standard encoder
+otherwise, so the canonical form is exactly the standard one, whichever path made it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+# Where orjson and Python format a float differently: 1e-9 <= |f| < 1e-4 (orjson writes
+# "0.0000999" and "1e-9", Python "9.99e-05" and "1e-09"). A number token starts the text or
+# follows ":", "," or "["; a match inside a string only sends the value down the standard path.
+_SMALL_FLOAT = re.compile(rb"(?:^|[:,\[])-?(?:0\.0000|\d(?:\.\d+)?e-\d(?!\d))")
+
+
+def canonical_json(data: Any, finite: bool = False) -> bytes:
+    """``data`` as the standard library's sorted, compact, ASCII-only JSON, as bytes.
+
+    ``finite``: the caller knows that no float in ``data`` is NaN or infinite (orjson writes
+    those as ``null``, the standard encoder as ``NaN``); without it, the standard encoder.
+    """
+    if finite:
+        fast = _orjson(data, orjson.OPT_SORT_KEYS)
+        if fast is not None:
+            return fast
+    return _CANONICAL.encode(data).encode("ascii")
+
+
+def compact_json(value: Any, finite: bool = False) -> str:
+    """``value`` as the standard library's compact, ASCII-only JSON text (key order kept),
+    for a store's column: the same text as ever, so searches on it keep matching."""
+    if finite:
+        fast = _orjson(value, 0)
+        if fast is not None:
+            return fast.decode("ascii")
+    return _COMPACT.encode(value)
+
+
+def _orjson(value: Any, option: int) -> bytes | None:
+    """orjson's encoding of ``value`` if it is the standard encoder's, byte for byte."""
+    try:
+        fast = orjson.dumps(value, option=option)
+    except TypeError:  # non-str keys, integers past 64 bits, lone surrogates
+        return None
+    if (
+        fast.isascii()
+        and b"\x7f" not in fast  # ensure_ascii escapes DEL; orjson keeps it
+        # (the substring tests first: the pattern alone costs ten times the encoding)
+        and ((b"0.0000" not in fast and b"e-" not in fast) or not _SMALL_FLOAT.search(fast))
+    ):
+        return fast
+    return None
