@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
 from pgguard.audit.recording import SessionRecorder
-from pgguard.policy.identity_guard import Hold, Refusal, unsafe_setting
+from pgguard.policy.identity_guard import Hold, PromptSync, Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
     Bind,
@@ -122,6 +122,7 @@ class RelayCore:
         "_held_in",
         "_held_limit",
         "_held_sql",
+        "_in_on_hold",
         "_internal_active",
         "_internal_error",
         "_internal_queue",
@@ -135,6 +136,7 @@ class RelayCore:
         "_preview_count",
         "_preview_limits",
         "_refusals",
+        "_released_early",
         "_requests",
         "_rows",
         "_seq",
@@ -212,6 +214,8 @@ class RelayCore:
         # (hold, SQL, the held Query or Bind message); set when holds are supported
         self.on_hold: Callable[[Hold, str, bytes], None] | None = None
         self.holding: Hold | None = None
+        self._in_on_hold = False
+        self._released_early = b""
         self._held_sql = b""
         self._held_in: list[bytes] = []
         self._held_bytes = 0
@@ -303,9 +307,12 @@ class RelayCore:
                     if t == _B:
                         sql, refusal = self._bind_verdict(buf, pos, end, sql, refusal)
                     if isinstance(refusal, Hold) and self.on_hold is not None:
-                        if t == _P:
+                        if t == _P and not (isinstance(refusal, PromptSync) and not self.unsynced):
                             # Parsing runs nothing: the hold comes at the Bind that would
-                            # execute it, so that one approval covers one execution.
+                            # execute it, so that one approval covers one execution. A
+                            # prompt id is set at the Parse that starts a batch, though:
+                            # at its Bind, the Parse would be in the server's hands already
+                            # and nothing of pgguard's own could run before the Sync.
                             refusal = None
                         else:
                             if self.tracker is not None:
@@ -411,8 +418,18 @@ class RelayCore:
         self._held_bytes = len(buf) - pos
         self._client.reset()  # the held bytes are scanned again from their start
         assert self.on_hold is not None
-        self.on_hold(hold, sql.decode("utf-8", "surrogateescape"), buf[pos:end])
-        return b"".join((*(out or ()), buf[prev:pos]))
+        # A hold the callback ends at once (a prompt id already set, no approvals store)
+        # must not send the held bytes ahead of those before them: release() keeps them
+        # for this return instead of handing them to the caller.
+        # (Holds nest: releasing one may hold, and at once release, a later statement.)
+        outer = (self._in_on_hold, self._released_early)
+        self._in_on_hold, self._released_early = True, b""
+        try:
+            self.on_hold(hold, sql.decode("utf-8", "surrogateescape"), buf[pos:end])
+            released = self._released_early
+        finally:
+            self._in_on_hold, self._released_early = outer
+        return b"".join((*(out or ()), buf[prev:pos], released))
 
     def release(self, verdict: Refusal | None) -> bytes:
         """End a hold: the held statement runs (``verdict`` None) or is refused with
@@ -428,9 +445,13 @@ class RelayCore:
         # later execution asks again.
         self._overrides[sql] = verdict
         try:
-            return self.from_client(data)
+            released = self.from_client(data)
         finally:
             self._overrides.pop(sql, None)
+        if self._in_on_hold:
+            self._released_early += released  # sent after the bytes before the hold
+            return b""
+        return released
 
     def _verdict(self, sql: bytes) -> Refusal | None:
         """The hook's verdict on ``sql``, remembered per text until the epoch moves."""

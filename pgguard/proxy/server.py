@@ -268,6 +268,9 @@ class Session:
         self._held_text = ""
         self._approved: tuple[str, str] | None = None  # (SQL, request id) approved to run
         self._upstream_prompt: str | None = None  # pgguard.prompt_id on the upstream session
+        # ... and the session's own (startup options or token), which statements without a
+        # prompt comment run under; None once the client sets it itself (then unknown).
+        self._base_prompt: str | None = None
         # Statement metrics without the audit: (class, decision if let run) of each statement
         # of a text, valid for one guard epoch.
         self._kinds: dict[bytes | str, tuple[tuple[str, str], ...]] = {}  # by text or shape
@@ -485,6 +488,7 @@ class Session:
         else:
             params = list(upstream_startup.params)
         self._upstream_prompt = upstream_startup.prompt_id or identity.prompt_id or ""
+        self._base_prompt = self._upstream_prompt
         await self._connect_upstream(m.StartupMessage(tuple(params)))
         await self._start_guard(identity, database)
         return True
@@ -548,7 +552,9 @@ class Session:
                     core.masking_wanted = self._new_masking(planner)
                     return MASKS_CHANGED
                 refusal = planner.refusal(sql)
-            if refusal is None and "prompt_id" in sql:
+            if refusal is None and (
+                "prompt_id" in sql or self._upstream_prompt != self._base_prompt
+            ):
                 return self._prompt_sync(sql)
             return refusal
 
@@ -584,11 +590,16 @@ class Session:
 
     def _prompt_sync(self, sql: str) -> Refusal | None:
         """A statement whose comment names another prompt id than the upstream session's
-        ``pgguard.prompt_id``: held while pgguard sets it (see :meth:`_sync_prompt`)."""
+        ``pgguard.prompt_id``, or one without a comment after such a statement (the session's
+        own prompt id goes back): held while pgguard sets it (see :meth:`_sync_prompt`), so
+        that a trigger sees the prompt id the statement's audit record carries."""
         if _SETS_PROMPT.search(sql):
-            self._upstream_prompt = None  # the client sets it itself: no longer known
+            # The client sets it itself: no longer known, and no longer pgguard's to restore.
+            self._upstream_prompt = self._base_prompt = None
             return None
         prompt = prompt_id_from_comment(sql)
+        if prompt is None:
+            prompt = self._base_prompt
         if prompt is None or prompt == self._upstream_prompt:
             return None
         return PromptSync("prompt", prompt)
@@ -605,8 +616,11 @@ class Session:
         literal = prompt.replace("\x00", "")[:256].replace("'", "''")
 
         def done(_rows: list[tuple[str | None, ...]], error: str | None) -> None:
-            if error is None:
+            if error is None and prompt != self._upstream_prompt:
                 self._upstream_prompt = prompt
+                # Verdicts remembered per text were given under the previous prompt id
+                # (None for texts without a comment, which may now need it restored).
+                core.forget_verdicts()
             self._release_hold(None)
 
         core.internal_query(

@@ -379,6 +379,8 @@ def test_comment_prompt_ids_reach_database_triggers(
         conn.execute(b"/* prompt_id='p-123' */ insert into prompt_log(note) values ('one')")
         conn.execute(b"insert into prompt_log(note) values ('two') /* prompt_id='p%2D456' */")
         conn.execute(b"/* prompt_id='p-456' */ insert into prompt_log(note) values ('three')")
+        # Without a comment again: the session's own prompt id is back for the trigger.
+        conn.execute(b"insert into prompt_log(note) values ('four')")
     with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
         rows = admin.execute("select note, prompt from public.prompt_log order by id").fetchall()
     assert rows == [
@@ -386,13 +388,20 @@ def test_comment_prompt_ids_reach_database_triggers(
         ("one", "p-123"),
         ("two", "p-456"),
         ("three", "p-456"),
+        ("four", "jwt-prompt"),
     ]
-    records = eventually(lambda: [r for r in statements(gw, "pat") if "prompt_log" in r.statement])
+
+    def logged() -> list[Any]:
+        found = [r for r in statements(gw, "pat") if "prompt_log" in r.statement]
+        return found if len(found) == 5 else []
+
+    records = eventually(logged)
     assert [(r.prompt_id, r.prompt_source) for r in records] == [
         ("jwt-prompt", "jwt"),
         ("p-123", "comment"),
         ("p-456", "comment"),
         ("p-456", "comment"),
+        ("jwt-prompt", "jwt"),
     ]
 
 
@@ -505,3 +514,55 @@ def test_strict_mode_holds_a_large_result_whole(make_gateway: MakeGateway, tmp_p
             assert conn.execute(f"select {i}".encode()).fetchone() == (i,)
     got = statements(gw, "big")
     assert got[0].rows == 50000 and len(got) == 21
+
+
+def test_comment_prompt_ids_reach_triggers_through_the_extended_protocol(
+    make_gateway: MakeGateway, tmp_path: Path, pg: Any
+) -> None:
+    """The same through Parse/Bind/Execute: parameters, a prepared statement run again under
+    another prompt, and a pipeline of several statements in one batch."""
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        admin.execute(
+            """
+            drop table if exists public.prompt_log_x;
+            create table public.prompt_log_x (id serial primary key, note text, prompt text);
+            create or replace function public.stamp_prompt_x() returns trigger language plpgsql
+              as $$ begin new.prompt := current_setting('pgguard.prompt_id', true);
+                     return new; end $$;
+            create trigger stamp before insert on public.prompt_log_x
+              for each row execute function public.stamp_prompt_x();
+            grant all on public.prompt_log_x to public;
+            grant all on sequence public.prompt_log_x_id_seq to public;
+            """
+        )
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    insert = "/* prompt_id='{}' */ insert into prompt_log_x(note) values (%s)"
+    with psycopg.connect(gw.dsn("ext", claims={"prompt_id": "jwt-x"}), autocommit=True) as conn:
+        conn.execute("insert into prompt_log_x(note) values (%s)", ("plain",))
+        conn.execute(insert.format("e-1"), ("one",))
+        conn.execute(insert.format("e-2"), ("two",), prepare=True)
+        conn.execute(insert.format("e-2"), ("two again",), prepare=True)
+        conn.execute(insert.format("e-1"), ("one again",))
+        with conn.pipeline():
+            conn.execute(insert.format("e-3"), ("three",))
+            conn.execute("insert into prompt_log_x(note) values (%s)", ("after",))
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        rows = admin.execute("select note, prompt from public.prompt_log_x order by id").fetchall()
+    assert rows == [
+        ("plain", "jwt-x"),
+        ("one", "e-1"),
+        ("two", "e-2"),
+        ("two again", "e-2"),
+        ("one again", "e-1"),
+        ("three", "e-3"),
+        ("after", "e-3"),  # in the same batch: the next Sync comes first (docs say so)
+    ]
+
+    def logged() -> list[Any]:
+        found = [r for r in statements(gw, "ext") if "prompt_log_x" in r.statement]
+        return found if len(found) == 7 else []
+
+    records = eventually(logged)
+    assert [r.prompt_id for r in records] == ["jwt-x", "e-1", "e-2", "e-2", "e-1", "e-3", "jwt-x"]

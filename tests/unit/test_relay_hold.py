@@ -3,7 +3,7 @@ sends after it wait; the decision lets it run or refuses it in its place."""
 
 from __future__ import annotations
 
-from pgguard.policy.identity_guard import Hold, Refusal
+from pgguard.policy.identity_guard import Hold, PromptSync, Refusal
 from pgguard.protocol import messages as m
 from pgguard.protocol.relay import RelayCore
 
@@ -134,3 +134,63 @@ def test_a_hold_waiting_on_pgguards_own_query_ends_when_the_transaction_fails() 
     err = m.ErrorResponse(m.error_fields("ERROR", "22012", "division by zero")).encode()
     core.from_server(err + m.ReadyForQuery(b"E").encode())
     assert results == ["the transaction has failed"]
+
+
+def test_a_hold_ended_at_once_keeps_the_bytes_in_order() -> None:
+    # A hold its callback ends before returning (no approvals store, a prompt id already
+    # set): the bytes before the held message still go first.
+    core = RelayCore(1 << 20, hook)
+    core.on_hold = lambda hold, sql, message: sent.append(core.release(None))
+    sent: list[bytes] = []
+    first = m.Query("select 1").encode()
+    out = core.from_client(first + m.Query(WRITE).encode() + m.Query("select 2").encode())
+    assert sent == [b""]  # nothing handed out of order to the caller
+    assert out == first + m.Query(WRITE).encode() + m.Query("select 2").encode()
+    assert core.holding is None and core.pending == 3
+    # The extended protocol: the Parse before the held Bind, then the Bind.
+    core.from_server(m.ReadyForQuery(b"I").encode() * 3)
+    batch = (
+        m.Parse("", WRITE, ()).encode()
+        + m.Bind("", "", (), (), ()).encode()
+        + m.Execute("", 0).encode()
+        + m.Sync().encode()
+    )
+    assert core.from_client(batch) == batch
+
+
+def test_holds_that_end_at_once_nest_in_order() -> None:
+    # Releasing one hold holds, and at once releases, the next: still in order.
+    writes = [f"update orders set n = {i}" for i in range(3)]
+    core = RelayCore(1 << 20, hook)
+    core.on_hold = lambda hold, sql, message: core.release(None)
+    stream = b"".join(m.Query(w).encode() + m.Query("select 1").encode() for w in writes)
+    assert core.from_client(stream) == stream
+
+
+def test_a_prompt_id_is_set_at_the_parse_that_starts_a_batch() -> None:
+    # PromptSync holds at the Parse when nothing of the batch went to the server yet (so
+    # pgguard's own query can run first); in the middle of a batch, at the Bind as before.
+    sync = PromptSync("prompt", "p-1")
+    core = RelayCore(1 << 20, lambda sql: sync if "p-1" in sql else None)
+    held: list[str] = []
+    synced: list[bool] = []
+
+    def on_hold(hold: Hold, sql: str, message: bytes) -> None:
+        held.append(sql)
+        if synced:  # the prompt id is set upstream by now: the session lets it go at once
+            core.release(None)
+
+    core.on_hold = on_hold
+    tagged = "/* prompt_id='p-1' */ select 1"
+    parse = m.Parse("", tagged, ()).encode()
+    rest = m.Bind("", "", (), (), ()).encode() + m.Execute("", 0).encode() + m.Sync().encode()
+    assert core.from_client(parse + rest) == b""
+    assert held == [tagged]
+    synced.append(True)
+    assert core.release(None) == parse + rest  # its Bind is held and let go at once
+    assert held == [tagged, tagged]
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    synced.clear()
+    other = m.Parse("", "select 2", ()).encode() + m.Bind("", "", (), (), ()).encode()
+    assert core.from_client(other + parse + rest) == other + parse
+    assert len(held) == 3 and core.holding is sync
