@@ -128,6 +128,10 @@ class AuditSettings(_Section):
     max_param_bytes: int = Field(1024, ge=0)  # a longer Bind parameter is cut (and says so)
     redact_literals: bool = False  # statement texts keep no literal values
     redact_params: bool = False  # Bind parameters are recorded as ***
+    # full: a commit is on stable storage before it counts (SQLite synchronous=FULL, fsync of
+    # the JSON lines, PostgreSQL synchronous_commit=on); normal: handed to the OS / server,
+    # which survives pgguard being killed but not a power cut (no fsync per commit).
+    sync: Literal["full", "normal"] = "full"
 
 
 class RecordingSettings(_Section):

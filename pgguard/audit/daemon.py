@@ -75,15 +75,11 @@ class Answers:
         messages.extend(last)
         self.durable, self.failed = [], {}
         if messages:
-            # Blocking for the send (the loop reads with the socket non-blocking): a frame
-            # must never go out in part; the gateway always reads its end.
-            self.sock.setblocking(True)
-            try:
+            # A blocking send (the socket stays blocking; the loop reads with MSG_DONTWAIT):
+            # a frame must never go out in part; the gateway always reads its end.
+            # (if the gateway is gone, the loop sees EOF next)
+            with contextlib.suppress(OSError):
                 self.sock.sendall(link.encode_frame(messages))
-            except OSError:
-                pass  # the gateway is gone: the loop sees EOF next
-            finally:
-                self.sock.setblocking(False)
 
 
 class Daemon:
@@ -132,7 +128,9 @@ class Daemon:
     def open(self) -> bool:
         """Open the stores and the writer; False (reported) if a store cannot open."""
         try:
-            self.stores = open_stores(self.config.url, self.config.jsonl)
+            self.stores = open_stores(
+                self.config.url, self.config.jsonl, fsync=self.config.sync != "normal"
+            )
         except Exception as exc:
             self.failed_opening += 1
             self.open_error = f"{type(exc).__name__}: {exc}"
@@ -194,7 +192,7 @@ class Daemon:
 
     def run(self, reader: link.FrameReader, close_timeout: float | None = None) -> None:
         sock = self.sock
-        sock.setblocking(False)
+        sock.setblocking(True)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         retry_at = 0.0  # when a failed store (or opening) may be tried again
@@ -234,7 +232,7 @@ class Daemon:
         """Everything the socket holds now (up to a few MB); a CLOSE or EOF ends the loop."""
         for _ in range(_READS_PER_PASS):
             try:
-                data = self.sock.recv(1 << 20)
+                data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return None
             except OSError:

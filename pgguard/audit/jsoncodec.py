@@ -23,6 +23,7 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 # "0.0000999" and "1e-9", Python "9.99e-05" and "1e-09"). A number token starts the text or
 # follows ":", "," or "["; a match inside a string only sends the value down the standard path.
 _SMALL_FLOAT = re.compile(rb"(?:^|[:,\[])-?(?:0\.0000|\d(?:\.\d+)?e-\d(?!\d))")
+_EXPONENT = re.compile(rb"\de-\d(?!\d)")  # what every such exponent form contains
 
 
 def canonical_json(data: Any, finite: bool = False) -> bytes:
@@ -57,8 +58,12 @@ def _orjson(value: Any, option: int) -> bytes | None:
     if (
         fast.isascii()
         and b"\x7f" not in fast  # ensure_ascii escapes DEL; orjson keeps it
-        # (the substring tests first: the pattern alone costs ten times the encoding)
-        and ((b"0.0000" not in fast and b"e-" not in fast) or not _SMALL_FLOAT.search(fast))
+        # (cheap tests first: the full pattern costs ten times the encoding, and "e-" alone
+        # is common in ids and text)
+        and not (
+            (b"0.0000" in fast or (b"e-" in fast and _EXPONENT.search(fast)))
+            and _SMALL_FLOAT.search(fast)
+        )
     ):
         return fast
     return None

@@ -104,6 +104,7 @@ class WriterConfig:
     param_cap: int = 1024
     redact_literals: bool = False
     redact_params: bool = False
+    sync: str = "full"  # audit.sync
     log_level: str = "info"
     log_format: str = "text"
     worker: int | None = None

@@ -19,7 +19,10 @@ the chain in. Column names are the JSON keys except ``user`` → ``username`` an
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit survives a power cut), a busy
 timeout, and real transactions (pysqlite's implicit ones are replaced by explicit
 ``BEGIN`` / ``BEGIN IMMEDIATE``). On PostgreSQL, a session whose ``synchronous_commit`` is
-``off`` turns it ``on``: an audit commit must be durable when it returns.
+``off`` turns it ``on``: an audit commit must be durable when it returns. With
+``audit.sync: normal`` (``fsync=False``) both trade that for speed: SQLite
+``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``, the JSON lines unsynced; a
+commit then survives pgguard being killed, not a power cut or an OS crash.
 """
 
 from __future__ import annotations
@@ -307,7 +310,9 @@ class SqlStore:
     creating or upgrading it. Thread-safe: one engine, a small connection pool.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True, echo: bool = False) -> None:
+    def __init__(
+        self, url: str, *, migrate: bool = True, echo: bool = False, fsync: bool = True
+    ) -> None:
         self.url = _normalise_url(url)
         u = make_url(self.url)
         self.dialect: str = u.get_backend_name()
@@ -334,9 +339,9 @@ class SqlStore:
         self._writer_conn: Any = None  # the writer's own driver connection (see append)
         self._insert = _insert_sql(self.engine.dialect.paramstyle)
         if self.dialect == "sqlite":
-            _sqlite_events(self.engine)
+            _sqlite_events(self.engine, fsync)
         elif self.dialect == "postgresql":
-            _postgres_events(self.engine)
+            _postgres_events(self.engine, fsync)
         try:
             self.schema_version = self._ensure_schema(migrate)
         except BaseException:
@@ -657,7 +662,7 @@ def _connection_lost(exc: BaseException) -> bool:
     )
 
 
-def _sqlite_events(engine: Engine) -> None:
+def _sqlite_events(engine: Engine, fsync: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from pysqlite (it would BEGIN only before DML and
@@ -678,7 +683,9 @@ def _sqlite_events(engine: Engine) -> None:
                     if "locked" not in str(exc) or attempt == 99:
                         raise
                     time.sleep(0.05)
-            cur.execute("PRAGMA synchronous=FULL")
+            # NORMAL in WAL mode: a commit is in the WAL file (the OS has it) without an
+            # fsync; it survives the process, not a power cut.
+            cur.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
         finally:
             cur.close()
 
@@ -687,14 +694,18 @@ def _sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql(conn.get_execution_options().get("pgguard_begin", "BEGIN"))
 
 
-def _postgres_events(engine: Engine) -> None:
+def _postgres_events(engine: Engine, fsync: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         with dbapi_connection.cursor() as cur:
-            cur.execute("SHOW synchronous_commit")
-            row = cur.fetchone()
-            if row is not None and row[0] == "off":
-                cur.execute("SET synchronous_commit = on")
+            if not fsync:
+                # The server has the commit (it survives pgguard), not yet its WAL on disk.
+                cur.execute("SET synchronous_commit = off")
+            else:
+                cur.execute("SHOW synchronous_commit")
+                row = cur.fetchone()
+                if row is not None and row[0] == "off":
+                    cur.execute("SET synchronous_commit = on")
             cur.execute(f"SET statement_timeout = {_PG_STATEMENT_TIMEOUT_MS}")
         dbapi_connection.commit()
 
@@ -710,8 +721,9 @@ class JsonlSink:
     retried batch is never written twice. New files are created mode 0600.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.path = str(path)
+        self.fsync = fsync
         self._stream: IO[str] | None = None
         self._fd: int | None = None
         if self.path == "-":
@@ -741,7 +753,8 @@ class JsonlSink:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                os.fsync(fd)
+                if self.fsync:
+                    os.fsync(fd)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)
@@ -836,11 +849,13 @@ def _parse_line(line: bytes) -> AuditRecord | None:
 # -- configuration ------------------------------------------------------------------------
 
 
-def open_stores(url: str | None, jsonl: str | None) -> list[AuditStore]:
-    """The stores ``audit.url`` / ``audit.jsonl`` configure (SPEC §9), SQL first."""
+def open_stores(url: str | None, jsonl: str | None, *, fsync: bool = True) -> list[AuditStore]:
+    """The stores ``audit.url`` / ``audit.jsonl`` configure (SPEC §9), SQL first.
+    ``fsync`` False (``audit.sync: normal``): commits are handed to the OS or the server, not
+    waited for on stable storage."""
     stores: list[AuditStore] = []
     if url:
-        stores.append(SqlStore(url))
+        stores.append(SqlStore(url, fsync=fsync))
     if jsonl:
-        stores.append(StdoutSink() if jsonl == "-" else JsonlSink(jsonl))
+        stores.append(StdoutSink() if jsonl == "-" else JsonlSink(jsonl, fsync=fsync))
     return stores

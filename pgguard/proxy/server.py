@@ -1438,6 +1438,7 @@ class Gateway:
                 param_cap=audit.max_param_bytes,
                 redact_literals=audit.redact_literals,
                 redact_params=audit.redact_params,
+                sync=audit.sync,
                 log_level=self.settings.log.level,
                 log_format=self.settings.log.format,
                 worker=self.worker_id if self.settings.workers > 1 else None,

@@ -22,7 +22,7 @@ from pgguard.audit.daemon import Daemon
 from pgguard.audit.events import Fingerprints, RecordBuilder, RecordOptions, SessionContext
 from pgguard.audit.recording import RecordedError, RecordedStatement
 from pgguard.audit.records import AuditRecord
-from pgguard.audit.store import SqlStore
+from pgguard.audit.store import JsonlSink, SqlStore
 from pgguard.audit.text import fingerprint
 from pgguard.identity import Identity
 from pgguard.protocol.statements import StatementRun
@@ -295,6 +295,25 @@ def test_strict_records_are_answered_when_durable(writer_config: link.WriterConf
     assert [r.event for r in records] == ["session_start", "statement", "statement"]
     assert records[1].user == "ana" and records[1].statement == "select 1"
     assert verify_stream(enumerate(records)).ok
+
+
+def test_audit_sync_normal_reaches_the_writers_stores(tmp_path: Path) -> None:
+    config = link.WriterConfig(
+        url=f"sqlite:///{tmp_path / 'audit.db'}",
+        jsonl=str(tmp_path / "audit.jsonl"),
+        mode="strict",
+        instance_id="n",
+        sync="normal",
+    )
+    w = Writer(config)
+    sql_store, sink = w.daemon.stores
+    assert isinstance(sql_store, SqlStore) and isinstance(sink, JsonlSink)
+    with sql_store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    assert sink.fsync is False
+    w.send((link.RECORD, 3, AuditRecord(event="policy_reload", ts=1.0)))
+    assert w.wait_for(link.DURABLE)[0][1] == [3]
+    assert w.close().written == 1
 
 
 def test_a_store_that_cannot_open_fails_strict_statements_then_catches_up(

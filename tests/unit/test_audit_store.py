@@ -190,6 +190,8 @@ def test_postgres_url_spellings_mean_psycopg(embedded_pg: EmbeddedPostgres) -> N
         assert embedded_pg.password not in repr(s)
         # durability: an audit session never runs with synchronous_commit off
         assert sql(s, "SHOW synchronous_commit") == [("on",)]
+    with SqlStore(url, fsync=False) as s:  # audit.sync: normal
+        assert sql(s, "SHOW synchronous_commit") == [("off",)]
 
 
 def test_sqlite_is_durable_wal(tmp_path: Path) -> None:
@@ -199,6 +201,21 @@ def test_sqlite_is_durable_wal(tmp_path: Path) -> None:
         assert (tmp_path / "audit.db").stat().st_mode & 0o077 == 0  # private
     with pytest.raises(StoreError, match="missing"):
         SqlStore(f"sqlite:///{tmp_path / 'no' / 'such' / 'audit.db'}")
+
+
+def test_audit_sync_normal_skips_the_flush_per_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SqlStore(f"sqlite:///{tmp_path / 'audit.db'}", fsync=False) as store:
+        assert sql(store, "PRAGMA journal_mode") == [("wal",)]
+        assert sql(store, "PRAGMA synchronous") == [(1,)]  # NORMAL
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    records = [seal(AuditRecord(event="statement", ts=1.0), "i", 1, ZERO_HASH)]
+    JsonlSink(tmp_path / "normal.jsonl", fsync=False).append(records)
+    assert synced == [] and (tmp_path / "normal.jsonl").read_text().count("\n") == 1
+    JsonlSink(tmp_path / "full.jsonl").append(records)
+    assert len(synced) == 1
 
 
 # -- append, round trip, idempotence -------------------------------------------------------
