@@ -6,6 +6,7 @@ import re
 import time
 from dataclasses import dataclass, replace
 
+from pgguard.audit.recording import RawPreview
 from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PlainExtra, PromptSource
 from pgguard.audit.text import (
     encode_params,
@@ -188,8 +189,11 @@ def statement_record(
         sql = redact_secrets(sql)
     if options.redact_literals:
         sql = redact_literals(sql)
-    if run.preview is not None and (run.preview.columns or run.preview.rows):
-        preview = run.preview.to_dict()
+    recorded = run.preview
+    if isinstance(recorded, RawPreview):  # as the relay keeps it (run_from_wire decodes it)
+        recorded = recorded.decoded()
+    if recorded is not None and (recorded.columns or recorded.rows):
+        preview = recorded.to_dict()
         if sql is not run.statement:
             preview["statement"] = sql
         if error is not run.error and preview.get("error"):

@@ -26,7 +26,7 @@ from operator import attrgetter
 from typing import Any
 
 from pgguard.audit.events import SessionContext
-from pgguard.audit.recording import RecordedError, RecordedStatement
+from pgguard.audit.recording import RawPreview, RecordedError, RecordedStatement
 from pgguard.identity import Identity
 from pgguard.protocol.statements import StatementRun
 
@@ -151,10 +151,12 @@ _preview_values = attrgetter(*_PREVIEW_FIELDS)
 
 
 def run_to_wire(run: StatementRun) -> tuple[Any, ...]:
-    """The run's fields in order, its preview as a tuple too (``RecordedError`` as a pair)."""
+    """The run's fields in order; a decoded preview as a tuple too (``RecordedError`` as a
+    pair), a raw one (the relay's) as it is: a NamedTuple of bytes, cheap to pickle."""
     p = run.preview
-    if p is None:
-        return tuple(run)  # a plain tuple: pickled without a reference to the class
+    if p is None or type(p) is RawPreview:
+        return tuple(run)  # a plain tuple: pickled without a reference to StatementRun
+    assert isinstance(p, RecordedStatement)
     wire = list(run)
     preview = list(_preview_values(p))
     if p.error is not None:
@@ -164,9 +166,12 @@ def run_to_wire(run: StatementRun) -> tuple[Any, ...]:
 
 
 def run_from_wire(wire: tuple[Any, ...]) -> StatementRun:
+    """The run, its preview decoded (the writer process's share of the session recording)."""
     values = list(wire)
     p = values[_PREVIEW]
-    if p is not None:
+    if type(p) is RawPreview:
+        values[_PREVIEW] = p.decoded()
+    elif p is not None:
         statement, columns, rows, truncated, row_count, tag, err, dropped = p
         error = None if err is None else RecordedError(*err)
         values[_PREVIEW] = RecordedStatement(

@@ -1,8 +1,9 @@
 """Session recording (SPEC §5): each statement with a preview of the rows the client saw.
 
-:class:`SessionRecorder` is fed by the relay as results go back to the client (after
-masking, so the preview shows what the client saw) and keeps, per statement, at most
-``max_rows`` rows and ``max_bytes`` bytes of values; the rest is only counted. Its entries
+The relay feeds a :class:`PreviewCapture` as a result goes back to the client (after
+masking, so the preview shows what the client saw); it keeps at most ``max_rows`` rows and
+``max_bytes`` bytes of values, as wire bodies, and counts the rest. The audit writer process
+decodes the :class:`RawPreview` into a :class:`RecordedStatement`. Its entries
 serialise to JSON for a store (:func:`to_json` / :func:`from_json`), and
 :func:`render_transcript` replays them as a psql-like transcript for ``pgguard sessions
 show``. Pure: no I/O.
@@ -18,15 +19,18 @@ import json
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
+
+from pgguard.protocol.messages import ProtocolError, RowDescription, data_row_values
 
 __all__ = [
     "BINARY_HEX_MAX",
+    "PreviewCapture",
+    "RawPreview",
     "RecordedError",
     "RecordedStatement",
-    "SessionRecorder",
     "from_json",
     "render_transcript",
     "to_json",
@@ -104,111 +108,103 @@ class RecordedStatement:
             raise ValueError(f"not a recorded statement: {exc}") from exc
 
 
-@dataclass(slots=True)
-class _Open:
-    statement: str
-    columns: tuple[str, ...] = ()
-    formats: tuple[int, ...] = ()
-    rows: list[Row] = field(default_factory=list)
-    bytes: int = 0
-    truncated: bool = False
-    row_count: int = 0
-    dropped_bytes: int = 0
+class RawPreview(NamedTuple):
+    """A statement's preview as the relay keeps it: the RowDescription and DataRow bodies the
+    client got, undecoded. The audit writer process decodes it (:meth:`decoded`): the
+    gateway's event loop only slices bytes."""
 
-    def close(self, command_tag: str | None, error: RecordedError | None) -> RecordedStatement:
+    description: bytes  # the RowDescription body
+    rows: tuple[bytes, ...]  # the recorded DataRow bodies
+    truncated: bool
+    row_count: int  # rows the client received, recorded or not
+    command_tag: str | None
+    dropped_bytes: int
+
+    def decoded(self) -> RecordedStatement:
+        """The preview with its columns named and its values rendered as text. A body that
+        does not decode (the server's, so not expected) leaves the rows out, truncated."""
+        try:
+            columns, formats = _description(self.description)
+            rows = tuple(
+                tuple(_render_value(v, _format_of(formats, i)) for i, v in enumerate(values))
+                for values in map(data_row_values, self.rows)
+            )
+            truncated = self.truncated
+        except ProtocolError:
+            columns, rows, truncated = (), (), True
         return RecordedStatement(
-            statement=self.statement,
-            columns=self.columns,
-            rows=tuple(self.rows),
-            truncated=self.truncated,
-            row_count=self.row_count,
-            command_tag=command_tag,
-            error=error,
-            dropped_bytes=self.dropped_bytes,
+            "", columns, rows, truncated, self.row_count, self.command_tag, None, self.dropped_bytes
         )
 
 
-class SessionRecorder:
-    """Collects one session's statements and row previews.
+class PreviewCapture:
+    """The relay's preview of one result: up to ``max_rows`` rows and ``max_bytes`` bytes of
+    values (their wire sizes; NULL counts 0), kept as wire bodies. The preview is a prefix:
+    once a row does not fit, it and every later row are only counted."""
 
-    Per statement: :meth:`start` (its text, already redacted, and the columns of its
-    RowDescription, if any), :meth:`describe` when the columns are only known later,
-    :meth:`row` for every DataRow sent to the client, then :meth:`finish` (CommandComplete)
-    or :meth:`error` (ErrorResponse). Calls that arrive without a :meth:`start` open an
-    unnamed statement rather than being lost; a :meth:`start` while a statement is open
-    closes that one without a command tag.
-    """
+    __slots__ = (
+        "bytes",
+        "description",
+        "dropped_bytes",
+        "max_bytes",
+        "max_rows",
+        "row_count",
+        "rows",
+        "truncated",
+    )
 
-    def __init__(self, max_rows: int, max_bytes: int) -> None:
+    def __init__(self, description: bytes, max_rows: int, max_bytes: int) -> None:
+        self.description = description
         self.max_rows = max(max_rows, 0)
         self.max_bytes = max(max_bytes, 0)
-        self._done: list[RecordedStatement] = []
-        self._open: _Open | None = None
+        self.rows: list[bytes] = []
+        self.bytes = 0
+        self.truncated = False
+        self.row_count = 0
+        self.dropped_bytes = 0
 
-    def start(
-        self, statement_text: str, columns: Sequence[str] = (), formats: Sequence[int] = ()
-    ) -> None:
-        """Open a statement; ``formats`` are RowDescription format codes (1 = binary)."""
-        if self._open is not None:
-            self._done.append(self._open.close(None, None))
-        self._open = _Open(statement_text, tuple(columns), tuple(formats))
-
-    def describe(self, columns: Sequence[str], formats: Sequence[int] = ()) -> None:
-        """Set the open statement's columns (a RowDescription that came after :meth:`start`)."""
-        current = self._current()
-        current.columns = tuple(columns)
-        current.formats = tuple(formats)
-
-    def row(self, values: Sequence[bytes | None]) -> None:
-        """One DataRow as the client received it (text values, or binary per ``formats``)."""
-        current = self._current()
-        current.row_count += 1
-        size = sum(len(value) for value in values if value is not None)
-        if (
-            current.truncated
-            or len(current.rows) >= self.max_rows
-            or current.bytes + size > self.max_bytes
-        ):
-            current.truncated = True
-            current.dropped_bytes += size
+    def row(self, body: bytes) -> None:
+        """One DataRow body as the client received it."""
+        self.row_count += 1
+        # The values' sizes: the body less its 2-byte count and each value's 4-byte length.
+        size = max(len(body) - 2 - 4 * int.from_bytes(body[:2], "big"), 0)
+        if self.truncated or len(self.rows) >= self.max_rows or self.bytes + size > self.max_bytes:
+            self.truncated = True
+            self.dropped_bytes += size
             return
-        current.bytes += size
-        current.rows.append(
-            tuple(
-                _render_value(value, _format_of(current.formats, i))
-                for i, value in enumerate(values)
-            )
+        self.bytes += size
+        self.rows.append(body)
+
+    def result(self, command_tag: str | None, sent: int | None = None) -> RawPreview:
+        """The preview once the statement completed; ``sent``: the rows its tag says were
+        sent (rows past the preview are not seen one by one)."""
+        truncated, row_count = self.truncated, self.row_count
+        if sent is not None and sent > row_count:
+            truncated, row_count = True, sent
+        return RawPreview(
+            self.description,
+            tuple(self.rows),
+            truncated,
+            row_count,
+            command_tag,
+            self.dropped_bytes,
         )
 
-    def error(self, sqlstate: str, message: str) -> None:
-        """The statement failed (ErrorResponse); closes it."""
-        current = self._current()
-        self._done.append(current.close(None, RecordedError(sqlstate, message)))
-        self._open = None
 
-    def finish(self, command_tag: str | None) -> RecordedStatement:
-        """The statement completed: CommandComplete's tag, ``""`` for EmptyQueryResponse.
-        Returns its entry."""
-        current = self._current()
-        entry = current.close(command_tag, None)
-        self._done.append(entry)
-        self._open = None
-        return entry
+_DESCRIPTIONS: dict[bytes, tuple[tuple[str, ...], tuple[int, ...]]] = {}
 
-    def entries(self) -> list[RecordedStatement]:
-        """Statements so far, including the open one (as it stands)."""
-        done = list(self._done)
-        if self._open is not None:
-            done.append(self._open.close(None, None))
-        return done
 
-    def to_json(self) -> str:
-        return to_json(self.entries())
-
-    def _current(self) -> _Open:
-        if self._open is None:
-            self._open = _Open("")
-        return self._open
+def _description(body: bytes) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Column names and formats of a RowDescription body, cached (a statement's shape comes
+    back with every execution)."""
+    known = _DESCRIPTIONS.get(body)
+    if known is None:
+        names, formats = RowDescription.columns_of(body)
+        known = (tuple(names), tuple(formats))
+        if len(_DESCRIPTIONS) >= 1024:
+            _DESCRIPTIONS.clear()
+        _DESCRIPTIONS[body] = known
+    return known
 
 
 def _format_of(formats: tuple[int, ...], index: int) -> int:

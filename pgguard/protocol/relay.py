@@ -6,6 +6,10 @@ nobody needs to read are forwarded as the original bytes; only the few types tha
 
 The statement seam for guard rules, audit and masking is ``StatementHook``: it sees every
 Query and Parse before the server does. The default hook allows everything.
+
+pgguard runs statements of its own on the session in two ways: a simple Query at an idle point
+(``internal_query``), or, inside a client's extended-protocol batch, as Parse/Bind/Execute/Close
+messages slipped in just before a held message (``inject``), whose replies are dropped.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import secrets
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-from pgguard.audit.recording import SessionRecorder
+from pgguard.audit.recording import PreviewCapture
 from pgguard.policy.identity_guard import Hold, PromptSync, Refusal, unsafe_setting
 from pgguard.protocol.framing import Scanner
 from pgguard.protocol.messages import (
@@ -32,7 +36,6 @@ from pgguard.protocol.messages import (
     Parse,
     ProtocolError,
     Query,
-    RowDescription,
     data_row_values,
     error_fields,
 )
@@ -84,6 +87,18 @@ _ALL_TYPES = bytes(range(256))
 
 # Called with the text rows of pgguard's own query, or its error message.
 InternalCallback = Callable[[list[tuple[str | None, ...]], str | None], None]
+# Called at the ReadyForQuery of the batch a statement of pgguard's own was injected into:
+# True if it ran and nothing after it in the batch failed or rolled back (``RelayCore.inject``).
+SettledCallback = Callable[[bool], None]
+
+# Replies to an injected statement: ParseComplete, BindComplete, DataRow, CommandComplete,
+# CloseComplete; counted or dropped while one is expected (ZES are always intercepted).
+_ONE, _TWO, _THREE = 49, 50, 51
+_OWN_REPLIES = b"123DC"
+# Command tags after which what ran earlier in the transaction may be undone.
+_UNDOING = (b"ROLLBACK", b"PREPARE TRANSACTION")
+# The reply the first injected statement still waiting for its replies expects next.
+_OWN_PARSE, _OWN_BIND, _OWN_RESULT, _OWN_CLOSE = 0, 1, 2, 3
 
 _LEN = struct.Struct("!I")
 _UNSEEN = object()
@@ -110,6 +125,31 @@ SHUTTING_DOWN = Fatal("57P01", "terminating connection due to administrator comm
 IDLE_TIMEOUT = Fatal("57P05", "terminating connection due to idle-session timeout")
 
 
+@dataclass(slots=True)
+class _Injected:
+    """A statement of pgguard's own in a client's batch."""
+
+    parses: int  # the client's Parses before it in the batch: their ParseCompletes come first
+    on_settled: SettledCallback
+    ran: bool = False  # its CommandComplete arrived
+
+
+@dataclass(slots=True)
+class _Injections:
+    """pgguard's own statements in the client's batch being answered, and where their replies
+    are among the server's: a statement's replies start at the ParseComplete that follows
+    those of the client's Parses before it (only a Parse answers with one, and an error ends
+    every reply up to the ReadyForQuery)."""
+
+    items: list[_Injected] = field(default_factory=list)
+    head: int = 0  # the first of ``items`` whose replies are not all in
+    stage: int = _OWN_PARSE  # the reply it expects next
+    ones: int = 0  # the client's ParseCompletes seen in the batch
+    failed: bool = False  # an ErrorResponse came: the server skips the rest of the batch
+    undone: int = 0  # ``items`` before this one ran before a ROLLBACK (that may undo them)
+    synced: bool = False  # the client ended the batch (Sync, Query or FunctionCall)
+
+
 class RelayCore:
     """State of one relayed session: pending replies, transaction status, ending conditions."""
 
@@ -118,11 +158,14 @@ class RelayCore:
         "_clock",
         "_epoch_seen",
         "_extra_server",
+        "_heard",
         "_held_bytes",
         "_held_in",
         "_held_limit",
         "_held_sql",
         "_in_on_hold",
+        "_inject_next",
+        "_injections",
         "_internal_active",
         "_internal_error",
         "_internal_queue",
@@ -132,6 +175,8 @@ class RelayCore:
         "_noted_at",
         "_over",
         "_overrides",
+        "_own",
+        "_parses",
         "_preview",
         "_preview_count",
         "_preview_limits",
@@ -172,6 +217,10 @@ class RelayCore:
         # the request in order (discarding to Sync, failing a transaction block); its error is
         # then rewritten into the refusal. The marker is random so clients cannot forge it.
         self._marker = "pgguard_refused_" + secrets.token_hex(6) + "_"
+        # Names of pgguard's own prepared statements and portals (see ``inject``): random too,
+        # so that they cannot collide with a client's (and apart from the marker, which a
+        # statement name left behind must not give away).
+        self._own = "pgguard_" + secrets.token_hex(6) + "_"
         self._refusals: dict[str, Refusal] = {}
         self._seq = 0
         self._verdicts: dict[bytes, Refusal | object | None] = {}
@@ -202,7 +251,7 @@ class RelayCore:
         self.cancel_requested = False  # the I/O layer sends a CancelRequest and clears it
         self._server_table = SERVER_INTERCEPT
         self.tracker: StatementTracker | None = None
-        self._preview: SessionRecorder | None = None  # rows of the current result
+        self._preview: PreviewCapture | None = None  # rows of the current result
         self._preview_count = 0
         self._preview_limits = (0, 0)
         self.gate: Callable[[], Refusal | None] | None = None  # refuses everything when set
@@ -232,6 +281,13 @@ class RelayCore:
         self._noted: list[Counted] = []
         self._noted_at = 0.0
         self._requests: deque[tuple[float, list[Counted]] | None] = deque()
+        # Statements of pgguard's own in the client's batch (see ``inject``): the client's
+        # Parses since its last Sync, Query or FunctionCall; whether the server sent anything
+        # since its last ReadyForQuery; the statement to send before the held message.
+        self._parses = 0
+        self._heard = False
+        self._injections: _Injections | None = None
+        self._inject_next: tuple[bytes, _Injected] | None = None
 
     def enable_masking(self, masking: SessionMasking) -> None:
         """Mask result rows from now on (the identity has masks). Every DataRow and CopyData
@@ -248,8 +304,7 @@ class RelayCore:
         )
         self._extra_server = MASKING_SERVER_TYPES + b"D"
         self._server_table += self._extra_server
-        if self._internal_active is None:
-            self._server.set_intercept(self._server_table)
+        self._apply_server_table()
 
     def idle(self) -> bool:
         """No request outstanding and nothing half-received in either direction."""
@@ -307,18 +362,22 @@ class RelayCore:
                     if t == _B:
                         sql, refusal = self._bind_verdict(buf, pos, end, sql, refusal)
                     if isinstance(refusal, Hold) and self.on_hold is not None:
-                        if t == _P and not (isinstance(refusal, PromptSync) and not self.unsynced):
+                        if t == _P and not (
+                            isinstance(refusal, PromptSync)
+                            and (not self.unsynced or self.can_inject())
+                        ):
                             # Parsing runs nothing: the hold comes at the Bind that would
                             # execute it, so that one approval covers one execution. A
-                            # prompt id is set at the Parse that starts a batch, though:
-                            # at its Bind, the Parse would be in the server's hands already
-                            # and nothing of pgguard's own could run before the Sync.
+                            # prompt id is set at the Parse, though: before a batch, by a
+                            # query of pgguard's own; within one, by a statement injected
+                            # before it (where pgguard can tell its replies apart).
                             refusal = None
                         else:
                             if self.tracker is not None:
                                 self._track_client(buf, hits[:k])
                             return self._hold(buf, pos, end, out, prev, refusal, sql)
                     if t == _P:
+                        self._parses += 1
                         name = buf[pos + 5 : buf.index(0, pos + 5)]
                         known = self._statements.get(name) if name else None
                         if known is None:
@@ -342,6 +401,9 @@ class RelayCore:
                     prev = end
             if t in _COUNTED:
                 self.pending += 1
+                self._parses = 0
+                if self._injections is not None:
+                    self._batch_sent()
                 if self.on_counted is not None:
                     self._end_request()
                 if t == _S:
@@ -353,6 +415,9 @@ class RelayCore:
                 continue
             if t == _Q:
                 self.pending += 1
+                self._parses = 0
+                if self._injections is not None:
+                    self._batch_sent()
                 if self.on_counted is not None:
                     self._end_request()
             else:
@@ -441,6 +506,14 @@ class RelayCore:
         self.holding = None
         self._held_in = []
         self._held_bytes = 0
+        injected = self._inject_next
+        if injected is not None:
+            # Registered before the held bytes are read again: they may end the batch.
+            self._inject_next = None
+            if self._injections is None:
+                self._injections = _Injections()
+                self._apply_server_table()
+            self._injections.items.append(injected[1])
         # The decision covers the held statement's Parse and Binds in what was held; a
         # later execution asks again.
         self._overrides[sql] = verdict
@@ -448,6 +521,8 @@ class RelayCore:
             released = self.from_client(data)
         finally:
             self._overrides.pop(sql, None)
+        if injected is not None:
+            released = injected[0] + released
         if self._in_on_hold:
             self._released_early += released  # sent after the bytes before the hold
             return b""
@@ -521,6 +596,7 @@ class RelayCore:
 
     def from_server(self, data: bytes) -> bytes:
         """Server bytes → bytes for the client."""
+        self._heard = True  # until a ReadyForQuery ends the data (see can_inject)
         buf, hits, cut = self._server.scan(data)
         if hits:
             return self._server_messages(buf, hits, cut)
@@ -538,6 +614,8 @@ class RelayCore:
                 if t in _ASYNC:
                     continue
                 end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+                if t == _Z:
+                    self._heard = end < len(buf)
                 self._internal_message(t, buf[pos + 5 : end])
                 if out is None:
                     out = []
@@ -545,6 +623,12 @@ class RelayCore:
                 prev = end
                 continue
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
+            if self._injections is not None and self._own_reply(t, buf, pos):
+                if out is None:
+                    out = []
+                out.append(buf[prev:pos])
+                prev = end
+                continue
             msg: bytes | None = None  # what replaces buf[pos:end]; None: unchanged
             if t == _E and self._refusals:
                 raw = buf[pos:end]
@@ -579,6 +663,7 @@ class RelayCore:
                 continue
             if t == _Z:
                 self.status = _STATUS[buf[pos + 5]]
+                self._heard = end < len(buf)
                 if self.pending:
                     self.pending -= 1
                     if self._requests:
@@ -660,15 +745,15 @@ class RelayCore:
         self._server_table = self._server_table + _TRACK_SERVER
         if preview_rows > 0:
             self._server_table += b"TD"
-        if self._internal_active is None:
-            self._server.set_intercept(self._server_table)
+        self._apply_server_table()
 
     def _previewing(self, on: bool) -> None:
         """Stop (or start again) cutting out DataRows once a preview is full."""
         if self.max_rows is not None or self._internal_active is not None or self.masking:
             return  # row limits and masking see every row anyway
-        table = self._server_table if on else self._server_table.replace(b"D", b"")
-        self._server.set_intercept(table)
+        self._apply_server_table(
+            self._server_table if on else self._server_table.replace(b"D", b"")
+        )
 
     def _track_client(self, buf: bytes, hits: list[int]) -> None:
         tracker = self.tracker
@@ -712,16 +797,14 @@ class RelayCore:
             preview = self._preview
             if preview is not None and self._preview_count < self._preview_limits[0]:
                 end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
-                preview.row(data_row_values(buf[pos + 5 : end]))
+                preview.row(buf[pos + 5 : end])  # decoded by the audit writer process
                 self._preview_count += 1
                 if self._preview_count >= self._preview_limits[0]:
                     self._previewing(False)
             return
         if t == _T:
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
-            names, formats = RowDescription.columns_of(buf[pos + 5 : end])
-            self._preview = SessionRecorder(*self._preview_limits)
-            self._preview.start("", names, formats)
+            self._preview = PreviewCapture(buf[pos + 5 : end], *self._preview_limits)
             self._preview_count = 0
             self._previewing(True)
             return
@@ -735,11 +818,8 @@ class RelayCore:
             masked = self.masking.last_masked if self.masking is not None else ()
             entry = None
             if self._preview is not None and runs:
-                entry = self._preview.finish(tag)
-                sent = runs[-1].rows
-                if sent is not None and sent > entry.row_count:
-                    # Rows past the preview were not decoded: the tag says how many there were.
-                    entry = replace(entry, truncated=True, row_count=sent)
+                # Rows past the preview were not seen one by one: the tag says how many.
+                entry = self._preview.result(tag, runs[-1].rows)
                 self._preview = None
             if runs and (entry is not None or masked):
                 runs[-1] = runs[-1].with_result(entry, masked or runs[-1].masked_columns)
@@ -776,8 +856,7 @@ class RelayCore:
             + (b"TD" if self.tracker is not None and self._preview_limits[0] > 0 else b"")
             + self._extra_server
         )
-        if self._internal_active is None:
-            self._server.set_intercept(self._server_table)
+        self._apply_server_table()
 
     def _limit_rows(self, t: int, raw: bytes) -> bytes | None:
         """Count a result's rows; the replacement for ``raw`` (b"" drops it), or None."""
@@ -880,8 +959,124 @@ class RelayCore:
         elif t == _Z:
             callback = self._internal_active
             self._internal_active = None
-            self._server.set_intercept(self._server_table)
+            self._apply_server_table()
             assert callback is not None
             callback(self._internal_rows, self._internal_error)
             if self._internal_ready():
                 self._start_internal()
+
+    # ------------------------------------------------------------------ statements in the batch
+    def _apply_server_table(self, table: bytes | None = None) -> None:
+        """Intercept ``table`` (the session's server types by default), and the replies to
+        pgguard's statements in the client's batch while it has some; not while a query of
+        pgguard's own runs (everything is intercepted then)."""
+        if self._internal_active is not None:
+            return
+        if table is None:
+            table = self._server_table
+        if self._injections is not None:
+            table += _OWN_REPLIES
+        self._server.set_intercept(table)
+
+    def can_inject(self) -> bool:
+        """Whether a statement of pgguard's own can go into the client's batch now (see
+        :meth:`inject`). pgguard must know where its replies will come among the server's:
+        it does while no earlier request is still being answered and nothing of the batch
+        came back yet (nor anything else since the last ReadyForQuery), or while it follows
+        the batch's replies already; not once the batch failed."""
+        if self.pending:
+            return False
+        own = self._injections
+        if own is not None:
+            return not own.failed
+        return self._internal_active is not None or not self._heard
+
+    def inject(self, sql: str, params: tuple[str, ...], on_settled: SettledCallback) -> None:
+        """Run ``sql`` (one statement, text parameters ``params``) inside the client's batch,
+        just before the held message, when it is released; only if :meth:`can_inject`.
+
+        It goes as Parse, Bind, Execute and Close under a name of pgguard's own (the client's
+        unnamed statement and portal stay untouched) and its replies are dropped, so neither
+        the client nor the statement tracker sees them. If the server skips it (an earlier
+        message of the batch failed) nothing of it comes back; if it fails, its error reaches
+        the client as that of the client's next statement, which would have failed alike.
+        ``on_settled(landed)`` is called at the batch's ReadyForQuery: ``landed`` only if it
+        ran and nothing after it in the batch failed or rolled back (either may undo it)."""
+        assert self.holding is not None and self._inject_next is None
+        self._seq += 1
+        name = f"{self._own}{self._seq}"  # statement and portal; Close drops both
+        values = tuple(p.encode("utf-8", "surrogateescape") for p in params)
+        data = b"".join(
+            (
+                Parse(name, sql).encode(),
+                Bind(name, name, (), values).encode(),
+                Execute(name).encode(),
+                Close(b"S", name).encode(),
+            )
+        )
+        self._inject_next = (data, _Injected(self._parses, on_settled))
+
+    @property
+    def injected_in_flight(self) -> bool:
+        """The client ended a batch holding statements of pgguard's own, and whether they ran
+        is not known yet (until its ReadyForQuery)."""
+        own = self._injections
+        return own is not None and own.synced
+
+    def _batch_sent(self) -> None:
+        """The client ended the batch pgguard's statements are in."""
+        own = self._injections
+        assert own is not None
+        if not own.synced:
+            own.synced = True
+            self._verdicts.clear()  # verdicts may depend on whether those statements ran
+
+    def _own_reply(self, t: int, buf: bytes, pos: int) -> bool:
+        """Whether the server message at ``pos`` (of type ``t``) answers a statement of
+        pgguard's own in the client's batch (it is then dropped), and the bookkeeping of where
+        those replies are."""
+        own = self._injections
+        assert own is not None
+        if t == _Z:
+            self._settle_injections(own)
+            return False
+        if t == _E:
+            # The server skips the rest of the batch up to the Sync, pgguard's statements
+            # included; an error of theirs goes to the client in its next statement's place.
+            own.failed = True
+            own.head = len(own.items)
+            own.stage = _OWN_PARSE
+            return False
+        stage = own.stage
+        if stage == _OWN_PARSE:
+            if t == _ONE:
+                if own.head < len(own.items) and own.ones == own.items[own.head].parses:
+                    own.stage = _OWN_BIND
+                    return True
+                own.ones += 1  # the client's
+            elif t == _C and own.head and buf.startswith(_UNDOING, pos + 5):
+                own.undone = own.head  # the client's ROLLBACK may undo what ran before it
+            return False
+        if t in _ASYNC:
+            return False  # a notice or notification between replies: not one
+        if stage == _OWN_BIND and t == _TWO:
+            own.stage = _OWN_RESULT
+            return True
+        if stage == _OWN_RESULT and t in (_D, _C):
+            if t == _C:
+                own.items[own.head].ran = True
+                own.stage = _OWN_CLOSE
+            return True
+        if stage == _OWN_CLOSE and t == _THREE:
+            own.head += 1
+            own.stage = _OWN_PARSE
+            return True
+        raise ProtocolError(f"unexpected message {chr(t)!r} in a reply to pgguard's statement")
+
+    def _settle_injections(self, own: _Injections) -> None:
+        """The ReadyForQuery of the batch holding pgguard's statements: report how they went."""
+        self._injections = None
+        self._apply_server_table()
+        self._verdicts.clear()  # given while the outcome was not known
+        for i, item in enumerate(own.items):
+            item.on_settled(item.ran and not own.failed and i >= own.undone)

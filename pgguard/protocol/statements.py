@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pgguard.audit.recording import RecordedStatement
+from pgguard.audit.recording import RawPreview, RecordedStatement
 from pgguard.audit.text import statement_texts
 
 
@@ -40,7 +40,8 @@ class StatementRun(NamedTuple):
     sqlstate: str | None = None
     error: str | None = None
     executed: bool = True
-    preview: RecordedStatement | None = None  # the rows the client got (session recording)
+    # The rows the client got (session recording): raw from the relay, decoded by the writer.
+    preview: RawPreview | RecordedStatement | None = None
     masked_columns: tuple[str, ...] = ()  # source columns masked in its result
 
     def finished(
@@ -56,7 +57,7 @@ class StatementRun(NamedTuple):
         return self._with(ended, command_tag, rows, sqlstate, error, executed, self.preview)
 
     def with_result(
-        self, preview: RecordedStatement | None, masked_columns: tuple[str, ...]
+        self, preview: RawPreview | RecordedStatement | None, masked_columns: tuple[str, ...]
     ) -> StatementRun:
         """This run with what the client got: its preview and the columns masked in it."""
         return self._with(
@@ -78,7 +79,7 @@ class StatementRun(NamedTuple):
         sqlstate: str | None,
         error: str | None,
         executed: bool,
-        preview: RecordedStatement | None,
+        preview: RawPreview | RecordedStatement | None,
         masked_columns: tuple[str, ...] | None = None,
     ) -> StatementRun:
         # Positional construction: _replace costs more (hot path).

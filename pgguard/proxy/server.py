@@ -219,6 +219,20 @@ class SessionInfo:
 
 STALE_REFRESH_INTERVAL = 5.0
 _SETS_PROMPT = re.compile(r"\b(set|reset)\b[^;]*\bpgguard\.prompt_id\b|set_config", re.I)
+# Injected into a client's batch (the prompt id is a parameter, never part of the text).
+_SET_PROMPT = "select pg_catalog.set_config('pgguard.prompt_id', $1, false)"
+# Statements that must come before any query of their transaction, or run outside a
+# transaction or pipeline: a set_config injected before one would make it fail, so it keeps
+# the prompt id upstream as it is. A rough test (leading comments skipped), on the rare path
+# of a prompt id changed in the middle of a batch.
+_NOT_AFTER_A_QUERY = re.compile(
+    r"(?:\s|/\*(?:[^*]|\*(?!/))*\*/|--[^\n]*(?:\n|$))*"  # one way to match: no backtracking
+    r"(?:vacuum|cluster|reindex|discard|alter\s+system|set\s+transaction"
+    r"|(?:create|alter|drop)\s+(?:database|tablespace|subscription)"
+    r"|create\s+(?:unique\s+)?index\s+concurrently|drop\s+index\s+concurrently"
+    r"|(?:commit|rollback)\s+prepared)\b",
+    re.I,
+)
 MASKS_CHANGED = Refusal(
     "masking", "the masks for this session changed; run the statement again", "40001"
 )
@@ -553,7 +567,7 @@ class Session:
                     return MASKS_CHANGED
                 refusal = planner.refusal(sql)
             if refusal is None and (
-                "prompt_id" in sql or self._upstream_prompt != self._base_prompt
+                "prompt_id" in sql or self._known_prompt() != self._base_prompt
             ):
                 return self._prompt_sync(sql)
             return refusal
@@ -600,20 +614,38 @@ class Session:
         prompt = prompt_id_from_comment(sql)
         if prompt is None:
             prompt = self._base_prompt
-        if prompt is None or prompt == self._upstream_prompt:
+        if prompt is None or prompt == self._known_prompt():
             return None
         return PromptSync("prompt", prompt)
 
-    def _sync_prompt(self, prompt: str) -> None:
-        """Set ``pgguard.prompt_id`` upstream, then let the held statement run. Only where it
-        cannot deadlock (nothing of pgguard's own queued, no failed transaction, not inside an
-        unsynced extended-protocol batch, whose Sync is held too): otherwise the statement
-        runs at once and its audit record still carries the prompt id."""
+    def _known_prompt(self) -> str | None:
+        """``pgguard.prompt_id`` on the upstream session as far as pgguard knows; None when it
+        does not (a batch it injected a set_config into is over but not answered yet)."""
+        return None if self.core.injected_in_flight else self._upstream_prompt
+
+    def _sync_prompt(self, prompt: str, sql: str) -> None:
+        """Set ``pgguard.prompt_id`` upstream, then let the held statement run: at the start
+        of a batch, with a query of pgguard's own (where it cannot deadlock: nothing of
+        pgguard's own queued, no failed transaction); within a batch (or while pgguard's own
+        query runs), with a statement injected into it just before the held message (where
+        pgguard can tell its replies apart, see ``RelayCore.can_inject``). Otherwise the
+        statement (``sql``) runs at once and its audit record still carries the prompt id."""
         core = self.core
-        if prompt == self._upstream_prompt or not core.internal_clear():
+        if prompt == self._known_prompt():
             self._release_hold(None)
             return
-        literal = prompt.replace("\x00", "")[:256].replace("'", "''")
+        value = prompt.replace("\x00", "")[:256]
+        if not core.internal_clear():
+            # ASCII only: valid in any client encoding, so the injected statement cannot
+            # fail on it (its error would fail the client's statement).
+            if value.isascii() and core.can_inject() and not _NOT_AFTER_A_QUERY.match(sql):
+                core.inject(_SET_PROMPT, (value,), self._prompt_settled)
+                # The client's statements after it in the batch run only if it did.
+                self._upstream_prompt = prompt
+                core.forget_verdicts()
+            self._release_hold(None)
+            return
+        literal = value.replace("'", "''")
 
         def done(_rows: list[tuple[str | None, ...]], error: str | None) -> None:
             if error is None and prompt != self._upstream_prompt:
@@ -630,11 +662,19 @@ class Session:
             self.upstream.transport.write(b"".join(core.server_out))
             core.server_out.clear()
 
+    def _prompt_settled(self, landed: bool) -> None:
+        """The batch a prompt id was injected into got its ReadyForQuery. If the set_config
+        did not run, or the batch failed after it (an error rolls it back), the value upstream
+        is not known: the next statement sets it again."""
+        if not landed and self._upstream_prompt is not None:
+            self._upstream_prompt = None
+            self.core.forget_verdicts()
+
     def _on_hold(self, hold: Hold, sql: str, message: bytes) -> None:
         """The relay holds a statement: set its prompt id upstream, or ask for approval
         (unless a window covers it)."""
         if isinstance(hold, PromptSync):
-            self._sync_prompt(hold.message)
+            self._sync_prompt(hold.message, sql)
             return
         broker = self.gateway.approvals
         if broker is None:

@@ -520,7 +520,7 @@ def test_comment_prompt_ids_reach_triggers_through_the_extended_protocol(
     make_gateway: MakeGateway, tmp_path: Path, pg: Any
 ) -> None:
     """The same through Parse/Bind/Execute: parameters, a prepared statement run again under
-    another prompt, and a pipeline of several statements in one batch."""
+    another prompt, a pipeline of several statements in one batch, and one that fails."""
     with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
         admin.execute(
             """
@@ -545,9 +545,21 @@ def test_comment_prompt_ids_reach_triggers_through_the_extended_protocol(
         conn.execute(insert.format("e-2"), ("two",), prepare=True)
         conn.execute(insert.format("e-2"), ("two again",), prepare=True)
         conn.execute(insert.format("e-1"), ("one again",))
+        # One batch (one Sync): each statement gets its own prompt id, tagged or not.
         with conn.pipeline():
             conn.execute(insert.format("e-3"), ("three",))
+            conn.execute(insert.format("e-4"), ("four",))
             conn.execute("insert into prompt_log_x(note) values (%s)", ("after",))
+        # A batch that fails rolls back the prompt id set within it: the next statement with
+        # that prompt id sets it again.
+        with pytest.raises(errors.UniqueViolation), conn.pipeline():
+            conn.execute("insert into prompt_log_x(note) values (%s)", ("pre",))
+            conn.execute(insert.format("e-5"), ("five",))
+            conn.execute(
+                "/* prompt_id='e-5' */ insert into prompt_log_x(id, note) values (1, %s)",
+                ("dup",),
+            )
+        conn.execute(insert.format("e-5"), ("six",))
     with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
         rows = admin.execute("select note, prompt from public.prompt_log_x order by id").fetchall()
     assert rows == [
@@ -557,12 +569,17 @@ def test_comment_prompt_ids_reach_triggers_through_the_extended_protocol(
         ("two again", "e-2"),
         ("one again", "e-1"),
         ("three", "e-3"),
-        ("after", "e-3"),  # in the same batch: the next Sync comes first (docs say so)
+        ("four", "e-4"),
+        ("after", "jwt-x"),
+        ("six", "e-5"),
     ]
 
     def logged() -> list[Any]:
         found = [r for r in statements(gw, "ext") if "prompt_log_x" in r.statement]
-        return found if len(found) == 7 else []
+        return found if len(found) == 12 else []
 
     records = eventually(logged)
-    assert [r.prompt_id for r in records] == ["jwt-x", "e-1", "e-2", "e-2", "e-1", "e-3", "jwt-x"]
+    assert [r.prompt_id for r in records] == [
+        *("jwt-x", "e-1", "e-2", "e-2", "e-1", "e-3", "e-4", "jwt-x"),
+        *("jwt-x", "e-5", "e-5", "e-5"),
+    ]

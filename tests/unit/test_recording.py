@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -9,22 +11,50 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgguard.audit.recording import (
+    PreviewCapture,
+    RawPreview,
     RecordedError,
     RecordedStatement,
-    SessionRecorder,
     from_json,
     render_transcript,
     to_json,
 )
+from pgguard.protocol import messages as m
+
+
+def capture(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[bytes | None]],
+    *,
+    max_rows: int = 10,
+    max_bytes: int = 10_000,
+    formats: Sequence[int] = (),
+) -> PreviewCapture:
+    """The relay's capture of a result: the wire bodies of its RowDescription and rows."""
+    fields = tuple(
+        m.FieldDescription(c, 0, 0, 25, -1, -1, formats[i] if formats else 0)
+        for i, c in enumerate(columns)
+    )
+    preview = PreviewCapture(m.RowDescription(fields).encode()[5:], max_rows, max_bytes)
+    for row in rows:
+        preview.row(m.DataRow(tuple(row)).encode()[5:])
+    return preview
+
+
+def recorded(
+    statement: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[bytes | None]],
+    tag: str | None,
+    **caps: int,
+) -> RecordedStatement:
+    """What the audit writer records of it (decoded), under ``statement``."""
+    return replace(capture(columns, rows, **caps).result(tag).decoded(), statement=statement)
 
 
 def test_rows_cap() -> None:
-    recorder = SessionRecorder(max_rows=3, max_bytes=10_000)
-    recorder.start("select n from generate_series(1, 1000) n", ["n"])
-    for n in range(1, 1001):
-        recorder.row([str(n).encode()])
-    recorder.finish("SELECT 1000")
-    (entry,) = recorder.entries()
+    rows = [[str(n).encode()] for n in range(1, 1001)]
+    entry = recorded("select n", ["n"], rows, "SELECT 1000", max_rows=3)
     assert entry.rows == (("1",), ("2",), ("3",))
     assert entry.row_count == 1000
     assert entry.dropped_rows == 997
@@ -33,117 +63,87 @@ def test_rows_cap() -> None:
     assert entry.dropped_bytes == sum(len(str(n)) for n in range(4, 1001))
 
 
+def test_rows_past_the_capture_are_counted_from_the_tag() -> None:
+    # The relay stops looking at rows once the preview is full; the tag says how many came.
+    preview = capture(["n"], [[b"1"], [b"2"]], max_rows=2).result("SELECT 500", 500)
+    assert preview.row_count == 500 and preview.truncated
+    entry = preview.decoded()
+    assert entry.rows == (("1",), ("2",)) and entry.dropped_rows == 498
+
+
 def test_bytes_cap_keeps_a_prefix() -> None:
-    recorder = SessionRecorder(max_rows=100, max_bytes=10)
-    recorder.start("select v from t", ["v"])
-    recorder.row([b"aaaa"])  # 4
-    recorder.row([b"bbbb"])  # 8
-    recorder.row([b"ccc"])  # 11 > 10: dropped
-    recorder.row([b"d"])  # would fit, but the preview stays a prefix
-    recorder.row([None])
-    recorder.finish("SELECT 5")
-    (entry,) = recorder.entries()
-    assert entry.rows == (("aaaa",), ("bbbb",))
+    rows = [[b"aaaa"], [b"bbbb"], [b"ccc"], [b"d"], [None]]  # 4, 8, 11 > 10: dropped, ...
+    entry = recorded("select v from t", ["v"], rows, "SELECT 5", max_rows=100, max_bytes=10)
+    assert entry.rows == (("aaaa",), ("bbbb",))  # "d" would fit: the preview stays a prefix
     assert entry.truncated
     assert entry.row_count == 5
     assert entry.dropped_bytes == 4
 
 
 def test_not_truncated_when_everything_fits() -> None:
-    recorder = SessionRecorder(max_rows=2, max_bytes=8)
-    recorder.start("select", ["a", "b"])
-    recorder.row([b"ab", b"cd"])
-    recorder.row([b"ef", None])
-    recorder.finish("SELECT 2")
-    (entry,) = recorder.entries()
+    rows = [[b"ab", b"cd"], [b"ef", None]]
+    entry = recorded("select", ["a", "b"], rows, "SELECT 2", max_rows=2, max_bytes=8)
     assert not entry.truncated
     assert entry.rows == (("ab", "cd"), ("ef", None))
 
 
 def test_zero_caps_record_nothing_but_count() -> None:
-    recorder = SessionRecorder(max_rows=0, max_bytes=0)
-    recorder.start("select 1", ["?column?"])
-    recorder.row([b"1"])
-    recorder.finish("SELECT 1")
-    (entry,) = recorder.entries()
+    entry = recorded("select 1", ["?column?"], [[b"1"]], "SELECT 1", max_rows=0, max_bytes=0)
     assert entry.rows == () and entry.row_count == 1 and entry.truncated
 
 
 def test_binary_values() -> None:
-    recorder = SessionRecorder(max_rows=10, max_bytes=10_000)
-    recorder.start("select a, b, c", ["a", "b", "c"], formats=[0, 1, 1])
-    recorder.row([b"text", b"\x00\x01\xff", b"x" * 100])
-    recorder.finish("SELECT 1")
-    (entry,) = recorder.entries()
+    rows = [[b"text", b"\x00\x01\xff", b"x" * 100]]
+    entry = recorded("select a, b, c", ["a", "b", "c"], rows, "SELECT 1", formats=[0, 1, 1])
+    assert entry.columns == ("a", "b", "c")
     assert entry.rows == (("text", "\\x0001ff", "(binary 100 bytes)"),)
 
 
 def test_invalid_utf8_replaced() -> None:
-    recorder = SessionRecorder(max_rows=10, max_bytes=100)
-    recorder.start("select", ["a"])
-    recorder.row([b"\xff"])
-    (entry,) = recorder.entries()
+    entry = recorded("select", ["a"], [[b"\xff"]], None)
     assert entry.rows == (("\ufffd",),)
 
 
-def test_lifecycle() -> None:
-    recorder = SessionRecorder(max_rows=10, max_bytes=100)
-    recorder.start("begin")
-    recorder.finish("BEGIN")
-    recorder.start("select * from nope", ["x"])
-    recorder.error("42P01", 'relation "nope" does not exist')
-    recorder.start("select 1", ["?column?"])  # left open, then superseded
-    recorder.start("update t set a = 1")
-    recorder.describe([])  # a late RowDescription / NoData
-    recorder.finish("UPDATE 3")
-    recorder.row([b"orphan"])  # no start: an unnamed statement, not lost
-    entries = recorder.entries()
-    assert [e.statement for e in entries] == [
-        "begin",
-        "select * from nope",
-        "select 1",
-        "update t set a = 1",
-        "",
-    ]
-    assert entries[0].command_tag == "BEGIN"
-    assert entries[1].error == RecordedError("42P01", 'relation "nope" does not exist')
-    assert entries[1].command_tag is None
-    assert entries[2].command_tag is None and entries[2].error is None
-    assert entries[3].command_tag == "UPDATE 3"
-    assert entries[4].rows == (("orphan",),)
+def test_a_body_that_does_not_decode_leaves_the_rows_out() -> None:
+    description = m.RowDescription((m.FieldDescription("a", 0, 0, 25, -1, -1, 0),)).encode()[5:]
+    broken = RawPreview(description, (b"\x00\x01\x00\x00\x00\x09ab",), False, 1, "SELECT 1", 0)
+    entry = broken.decoded()
+    assert entry.rows == () and entry.truncated and entry.row_count == 1
 
 
-def test_entries_are_frozen_snapshots() -> None:
-    recorder = SessionRecorder(max_rows=10, max_bytes=100)
-    recorder.start("select", ["a"])
-    recorder.row([b"1"])
-    before = recorder.entries()
-    recorder.row([b"2"])
-    assert before[0].rows == (("1",),)
+def test_entries_are_frozen() -> None:
+    entry = recorded("select", ["a"], [[b"1"]], "SELECT 1")
     with pytest.raises(AttributeError):
-        before[0].statement = "x"  # type: ignore[misc]
+        entry.statement = "x"  # type: ignore[misc]
 
 
-def _sample_session() -> SessionRecorder:
-    recorder = SessionRecorder(max_rows=2, max_bytes=1000)
-    recorder.start(
-        "select id, name, email\n  from customers\n order by id", ["id", "name", "email"]
-    )
-    recorder.row([b"1", b"Alice", b"a***@example.com"])
-    recorder.row([b"10", None, b"b***@example.com"])
-    recorder.row([b"11", b"Carol", b"c***@example.com"])
-    recorder.row([b"12", b"Dan", b"d***@example.com"])
-    recorder.finish("SELECT 4")
-    recorder.start("update customers set name = 'Bob' where id = 10")
-    recorder.finish("UPDATE 1")
-    recorder.start("select * from vault.keys", ["id"])
-    recorder.error("42501", "pgguard: rule no-secrets denies access to vault.keys")
-    recorder.start("select count(*) from orders where note = 'x'", ["count"])
-    recorder.row([b"7"])
-    recorder.finish("SELECT 1")
-    recorder.start("select 1 where false", ["?column?"])
-    recorder.finish("SELECT 0")
-    return recorder
+def _sample_session() -> list[RecordedStatement]:
+    customers = [
+        [b"1", b"Alice", b"a***@example.com"],
+        [b"10", None, b"b***@example.com"],
+        [b"11", b"Carol", b"c***@example.com"],
+        [b"12", b"Dan", b"d***@example.com"],
+    ]
+    return [
+        recorded(
+            "select id, name, email\n  from customers\n order by id",
+            ["id", "name", "email"],
+            customers,
+            "SELECT 4",
+            max_rows=2,
+            max_bytes=1000,
+        ),
+        RecordedStatement(
+            "update customers set name = 'Bob' where id = 10", command_tag="UPDATE 1"
+        ),
+        RecordedStatement(
+            "select * from vault.keys",
+            ("id",),
+            error=RecordedError("42501", "pgguard: rule no-secrets denies access to vault.keys"),
+        ),
+        recorded("select count(*) from orders where note = 'x'", ["count"], [[b"7"]], "SELECT 1"),
+        recorded("select 1 where false", ["?column?"], [], "SELECT 0"),
+    ]
 
 
 SESSION_META = {
@@ -194,7 +194,7 @@ ERROR:  pgguard: rule no-secrets denies access to vault.keys
 
 
 def test_transcript_golden() -> None:
-    assert render_transcript(_sample_session().entries(), SESSION_META) == GOLDEN
+    assert render_transcript(_sample_session(), SESSION_META) == GOLDEN
 
 
 def test_transcript_open_session_and_epoch_times() -> None:
@@ -240,11 +240,10 @@ def test_transcript_no_result() -> None:
 
 
 def test_json_round_trip() -> None:
-    entries = _sample_session().entries()
+    entries = _sample_session()
     text = to_json(entries)
     assert from_json(text) == entries
     assert from_json(text.encode()) == entries
-    assert from_json(_sample_session().to_json()) == entries
 
 
 def test_from_json_rejects_other_documents() -> None:
@@ -268,16 +267,19 @@ _values = st.one_of(st.none(), st.binary(max_size=40))
 def test_caps_hold_and_json_round_trips(
     max_rows: int, max_bytes: int, rows: list[list[bytes | None]]
 ) -> None:
-    recorder = SessionRecorder(max_rows=max_rows, max_bytes=max_bytes)
-    recorder.start("select a, b", ["a", "b"], formats=[0, 1])
-    for row in rows:
-        recorder.row(row)
-    recorder.finish(f"SELECT {len(rows)}")
-    (entry,) = recorder.entries()
+    entry = recorded(
+        "select a, b",
+        ["a", "b"],
+        rows,
+        f"SELECT {len(rows)}",
+        max_rows=max_rows,
+        max_bytes=max_bytes,
+        formats=[0, 1],
+    )
     assert len(entry.rows) <= max_rows
     kept = rows[: len(entry.rows)]
     assert sum(len(v) for row in kept for v in row if v is not None) <= max_bytes
     assert entry.row_count == len(rows)
     assert entry.truncated == (len(entry.rows) < len(rows))
-    assert from_json(recorder.to_json()) == [entry]
+    assert from_json(to_json([entry])) == [entry]
     render_transcript([entry], {"session_id": "s"})

@@ -169,7 +169,8 @@ def test_holds_that_end_at_once_nest_in_order() -> None:
 
 def test_a_prompt_id_is_set_at_the_parse_that_starts_a_batch() -> None:
     # PromptSync holds at the Parse when nothing of the batch went to the server yet (so
-    # pgguard's own query can run first); in the middle of a batch, at the Bind as before.
+    # pgguard's own query can run first), or where a statement of pgguard's own can go into
+    # the batch before it (test_relay_prompt.py); otherwise at the Bind as before.
     sync = PromptSync("prompt", "p-1")
     core = RelayCore(1 << 20, lambda sql: sync if "p-1" in sql else None)
     held: list[str] = []
@@ -192,5 +193,18 @@ def test_a_prompt_id_is_set_at_the_parse_that_starts_a_batch() -> None:
     core.from_server(m.ReadyForQuery(b"I").encode())
     synced.clear()
     other = m.Parse("", "select 2", ()).encode() + m.Bind("", "", (), (), ()).encode()
-    assert core.from_client(other + parse + rest) == other + parse
+    assert core.can_inject()
+    assert core.from_client(other + parse + rest) == other
     assert len(held) == 3 and core.holding is sync
+    core.release(None)  # (nothing injected) its Bind is held again
+    assert len(held) == 4 and core.holding is sync
+    # Part of the batch answered already (a Flush): pgguard cannot tell where replies to a
+    # statement of its own would come, so the hold is at the Bind.
+    core.release(None)
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    flushed = m.Parse("", "select 2", ()).encode() + m.Flush().encode()
+    assert core.from_client(flushed) == flushed
+    core.from_server(m.ParseComplete().encode())
+    assert not core.can_inject()
+    assert core.from_client(parse + rest) == parse
+    assert len(held) == 5 and core.holding is sync
