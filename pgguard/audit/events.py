@@ -130,7 +130,8 @@ class RecordOptions:
 
 class Fingerprints:
     """pglast fingerprints, cached by literal-free text (statements that differ only in
-    numbers share one; pgbench and ORMs send a new literal every time)."""
+    numbers share one; pgbench and ORMs send a new literal every time), else by the exact
+    text (a parameterised statement comes back verbatim with every execution)."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
@@ -140,9 +141,10 @@ class Fingerprints:
         return self.by_shape(sql, literal_free(sql))
 
     def by_shape(self, sql: str, key: str | None) -> str | None:
-        """``key``: ``literal_free(sql)``, when the caller has it already."""
+        """``key``: ``literal_free(sql)``, when the caller has it already. (A literal-free key
+        never equals a text that is not literal-free: it holds no quote, ``$`` or ``::``.)"""
         if key is None:
-            return fingerprint(sql)
+            key = sql
         try:
             return self._cache[key]
         except KeyError:
@@ -152,6 +154,28 @@ class Fingerprints:
             self._cache.clear()
         self._cache[key] = value
         return value
+
+
+class Redactions:
+    """:func:`redact_secrets` of texts that hold strings or parameters, cached by text (the
+    same statement comes back with every execution; the redaction is a scan of it)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._cache: dict[str, str | None] = {}  # None: nothing to redact
+
+    def __call__(self, sql: str) -> str:
+        """The redacted text; ``sql`` itself (the same object) when nothing is redacted."""
+        try:
+            known = self._cache[sql]
+        except KeyError:
+            redacted = redact_secrets(sql)
+            known = None if redacted == sql else redacted
+            if len(sql) <= 4096:  # long texts are rarely repeated: not worth keeping
+                if len(self._cache) >= self.size:
+                    self._cache.clear()
+                self._cache[sql] = known
+        return sql if known is None else known
 
 
 def statement_record(
@@ -165,6 +189,7 @@ def statement_record(
     approval_id: str | None = None,
     options: RecordOptions = RecordOptions(),
     fingerprints: Fingerprints | None = None,
+    redactions: Redactions | None = None,
 ) -> AuditRecord:
     """The record of one statement run. ``statement_class``, ``objects`` and ``command``
     come from the guard's analysis (when there is one); ``approval_id`` is the approval the
@@ -186,7 +211,7 @@ def statement_record(
     sql = run.statement
     shape = literal_free(sql)
     if shape is None:  # plain texts hold no string, so no secret
-        sql = redact_secrets(sql)
+        sql = redact_secrets(sql) if redactions is None else redactions(sql)
     if options.redact_literals:
         sql = redact_literals(sql)
     recorded = run.preview
@@ -246,6 +271,7 @@ class RecordBuilder:
         self.options = options
         self.sessions: dict[str, SessionContext] = {}
         self.fingerprints = Fingerprints()
+        self.redactions = Redactions()
 
     def session(self, ctx: SessionContext) -> None:
         self.sessions[ctx.session_id] = ctx
@@ -287,4 +313,5 @@ class RecordBuilder:
             approval_id=approval_id,
             options=self.options,
             fingerprints=self.fingerprints,
+            redactions=self.redactions,
         )

@@ -119,6 +119,30 @@ class BodyReader:
             raise ProtocolError(f"{self._what}: {len(self._buf) - self._pos} trailing bytes")
 
 
+def _cstring_at(body: bytes, pos: int, what: str) -> tuple[str, int]:
+    """The NUL-terminated string at ``pos`` and the position after it."""
+    end = body.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolError(f"{what}: unterminated string")
+    return body[pos:end].decode("utf-8", "surrogateescape"), end + 1
+
+
+def _count_at(body: bytes, pos: int, what: str) -> tuple[int, int]:
+    """The unsigned 16-bit count at ``pos`` and the position after it."""
+    if pos + 2 > len(body):
+        raise ProtocolError(f"{what}: message too short")
+    return _U16.unpack_from(body, pos)[0], pos + 2
+
+
+def _int16s_at(body: bytes, pos: int) -> tuple[tuple[int, ...], int]:
+    """A Bind's format codes at ``pos``: a count, then that many int16."""
+    count, pos = _count_at(body, pos, "Bind")
+    end = pos + 2 * count
+    if end > len(body):
+        raise ProtocolError("Bind: message too short")
+    return (struct.unpack_from(f"!{count}h", body, pos) if count else ()), end
+
+
 def _only_cstring(body: bytes, what: str) -> str:
     """A body that is one NUL-terminated string (Query, CommandComplete: one per statement,
     so read without a BodyReader)."""
@@ -293,13 +317,16 @@ class Parse(Message):
 
     @classmethod
     def decode_body(cls, body: bytes) -> Parse:
-        r = BodyReader(body, "Parse")
-        name = r.cstring()
-        sql = r.cstring()
-        n = r.count()
-        types = tuple(r.int32() & 0xFFFFFFFF for _ in range(n))
-        r.end()
-        return cls(name, sql, types)
+        # Inline rather than through a BodyReader: the audit follows every Parse.
+        name, pos = _cstring_at(body, 0, "Parse")
+        sql, pos = _cstring_at(body, pos, "Parse")
+        count, pos = _count_at(body, pos, "Parse")
+        end = pos + 4 * count
+        if end > len(body):
+            raise ProtocolError("Parse: message too short")
+        if end != len(body):
+            raise ProtocolError(f"Parse: {len(body) - end} trailing bytes")
+        return cls(name, sql, struct.unpack_from(f"!{count}I", body, pos) if count else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,16 +349,34 @@ class Bind(Message):
 
     @classmethod
     def decode_body(cls, body: bytes) -> Bind:
-        r = BodyReader(body, "Bind")
-        portal = r.cstring()
-        stmt = r.cstring()
-        pf = tuple(r.int16() for _ in range(r.count()))
-        params = tuple(r.nullable_bytes() for _ in range(r.count()))
-        if len(pf) > 1 and len(pf) != len(params):
-            raise ProtocolError(f"Bind: {len(pf)} parameter formats but {len(params)} parameters")
-        rf = tuple(r.int16() for _ in range(r.count()))
-        r.end()
-        return cls(portal, stmt, pf, params, rf)
+        # Inline rather than through a BodyReader: the audit follows every Bind.
+        portal, pos = _cstring_at(body, 0, "Bind")
+        stmt, pos = _cstring_at(body, pos, "Bind")
+        pf, pos = _int16s_at(body, pos)
+        count, pos = _count_at(body, pos, "Bind")
+        n = len(body)
+        unpack = _I32.unpack_from
+        params: list[bytes | None] = []
+        for _ in range(count):
+            if pos + 4 > n:
+                raise ProtocolError("Bind: message too short")
+            (size,) = unpack(body, pos)
+            pos += 4
+            if size < 0:
+                if size != -1:
+                    raise ProtocolError(f"Bind: negative length {size}")
+                params.append(None)
+                continue
+            if pos + size > n:
+                raise ProtocolError("Bind: message too short")
+            params.append(body[pos : pos + size])
+            pos += size
+        if len(pf) > 1 and len(pf) != count:
+            raise ProtocolError(f"Bind: {len(pf)} parameter formats but {count} parameters")
+        rf, pos = _int16s_at(body, pos)
+        if pos != n:
+            raise ProtocolError(f"Bind: {n - pos} trailing bytes")
+        return cls(portal, stmt, pf, tuple(params), rf)
 
     def param_format(self, index: int) -> int:
         """The format code of parameter ``index`` (one code applies to all; none means text)."""

@@ -769,7 +769,9 @@ class RelayCore:
                 tracker.parse(parse.name, parse.sql)
             elif t == _B:
                 bind = Bind.decode_body(body)
-                formats = tuple(bind.param_format(i) for i in range(len(bind.params)))
+                # Each parameter's format: one code for all, none for text (param_format).
+                pf, count = bind.param_formats, len(bind.params)
+                formats = pf if len(pf) > 1 else (pf or (0,)) * count
                 tracker.bind(bind.portal, bind.statement, bind.params, formats)
             elif t == _EXECUTE:
                 tracker.execute(Execute.decode_body(body).portal)

@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 from pgguard.audit import link
 from pgguard.audit.chain import verify_stream
 from pgguard.audit.daemon import Daemon
-from pgguard.audit.events import Fingerprints, RecordBuilder, RecordOptions, SessionContext
+from pgguard.audit.events import (
+    Fingerprints,
+    RecordBuilder,
+    RecordOptions,
+    Redactions,
+    SessionContext,
+)
 from pgguard.audit.recording import RecordedError, RecordedStatement
 from pgguard.audit.records import AuditRecord
 from pgguard.audit.store import JsonlSink, SqlStore
@@ -219,6 +225,27 @@ def test_fingerprints_cache_by_shape() -> None:
     ):
         assert fps(sql) == fingerprint(sql)
     assert fps("select * from t where id = 1") == fps("select * from t where id = 999")
+
+
+def test_parameterised_texts_are_fingerprinted_and_redacted_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pgguard.audit.events as events
+
+    calls: list[str] = []
+    real_fingerprint, real_redact = events.fingerprint, events.redact_secrets
+    monkeypatch.setattr(
+        events, "fingerprint", lambda sql: calls.append(sql) or real_fingerprint(sql)
+    )
+    monkeypatch.setattr(events, "redact_secrets", lambda sql: calls.append(sql) or real_redact(sql))
+    fps, redactions = Fingerprints(), Redactions()
+    sql = "select * from t where id = $1"
+    assert fps(sql) == fps(sql) == real_fingerprint(sql)
+    same = "".join(["select * from t where id = ", "$1"])  # equal, another object
+    assert redactions(sql) is sql and redactions(same) is same  # unchanged: the caller's own
+    assert calls == [sql, sql]  # one fingerprint, one redaction
+    secret = "alter role app password 'hunter2'"
+    assert "hunter2" not in redactions(secret) and redactions(secret) == redactions(secret)
 
 
 # -- the writer process's loop --------------------------------------------------------------

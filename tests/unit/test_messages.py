@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
+from pgguard.protocol import messages as m
 from pgguard.protocol.messages import (
     BACKEND,
     CANCEL_REQUEST_CODE,
@@ -695,3 +696,33 @@ def test_fuzz_decode_startup(body: bytes) -> None:
     except ProtocolError:
         return
     assert packet.encode()[4:] == body
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        m.Parse("s1", "select $1, $2", (23, 4294967295)),
+        m.Bind("p", "s1", (0, 1), (b"12", None), (1,)),
+        m.Bind("", "", (), (), ()),
+        m.DataRow((b"abc", None, b"")),
+        m.RowDescription(
+            (
+                m.FieldDescription("a", 1, 2, 23, 4, -1, 0),
+                m.FieldDescription("é", 0, 0, 25, -1, -1, 1),
+            )
+        ),
+        m.Query("select 1"),
+        m.CommandComplete("SELECT 1"),
+    ],
+    ids=lambda msg: type(msg).__name__,
+)
+def test_the_inline_decoders_take_whole_bodies_only(message: m.Message) -> None:
+    # The hot messages are decoded without a BodyReader: they must refuse exactly what it
+    # refuses (a cut body, trailing bytes) and give back what was encoded.
+    body = message.encode()[5:]
+    assert type(message).decode_body(body) == message
+    for cut in range(len(body)):
+        with pytest.raises(m.ProtocolError):
+            type(message).decode_body(body[:cut])
+    with pytest.raises(m.ProtocolError):
+        type(message).decode_body(body + b"\x00")
