@@ -353,30 +353,13 @@ class Bind(Message):
         portal, pos = _cstring_at(body, 0, "Bind")
         stmt, pos = _cstring_at(body, pos, "Bind")
         pf, pos = _int16s_at(body, pos)
-        count, pos = _count_at(body, pos, "Bind")
-        n = len(body)
-        unpack = _I32.unpack_from
-        params: list[bytes | None] = []
-        for _ in range(count):
-            if pos + 4 > n:
-                raise ProtocolError("Bind: message too short")
-            (size,) = unpack(body, pos)
-            pos += 4
-            if size < 0:
-                if size != -1:
-                    raise ProtocolError(f"Bind: negative length {size}")
-                params.append(None)
-                continue
-            if pos + size > n:
-                raise ProtocolError("Bind: message too short")
-            params.append(body[pos : pos + size])
-            pos += size
-        if len(pf) > 1 and len(pf) != count:
-            raise ProtocolError(f"Bind: {len(pf)} parameter formats but {count} parameters")
+        params, pos = _values_at(body, pos, "Bind")
+        if len(pf) > 1 and len(pf) != len(params):
+            raise ProtocolError(f"Bind: {len(pf)} parameter formats but {len(params)} parameters")
         rf, pos = _int16s_at(body, pos)
-        if pos != n:
-            raise ProtocolError(f"Bind: {n - pos} trailing bytes")
-        return cls(portal, stmt, pf, tuple(params), rf)
+        if pos != len(body):
+            raise ProtocolError(f"Bind: {len(body) - pos} trailing bytes")
+        return cls(portal, stmt, pf, params, rf)
 
     def param_format(self, index: int) -> int:
         """The format code of parameter ``index`` (one code applies to all; none means text)."""
@@ -851,32 +834,36 @@ class DataRow(Message):
 
 def data_row_values(body: bytes) -> tuple[bytes | None, ...]:
     """The values of a DataRow body (inline rather than through a BodyReader: rows are the
-    most frequent message a preview or a mask decodes)."""
+    most frequent message a mask decodes)."""
+    values, pos = _values_at(body, 0, "DataRow")
+    if pos != len(body):
+        raise ProtocolError(f"DataRow: {len(body) - pos} trailing bytes")
+    return values
+
+
+def _values_at(body: bytes, pos: int, what: str) -> tuple[tuple[bytes | None, ...], int]:
+    """A count, then that many length-prefixed values (-1: NULL), at ``pos``: a DataRow's
+    values, a Bind's parameters; and the position after them."""
+    count, pos = _count_at(body, pos, what)
     n = len(body)
-    if n < 2:
-        raise ProtocolError("DataRow: message too short")
-    (count,) = _U16.unpack_from(body, 0)
-    pos = 2
     unpack = _I32.unpack_from
     values: list[bytes | None] = []
     for _ in range(count):
         if pos + 4 > n:
-            raise ProtocolError("DataRow: message too short")
+            raise ProtocolError(f"{what}: message too short")
         (size,) = unpack(body, pos)
         pos += 4
         if size < 0:
             if size != -1:
-                raise ProtocolError(f"DataRow: negative length {size}")
+                raise ProtocolError(f"{what}: negative length {size}")
             values.append(None)
             continue
         end = pos + size
         if end > n:
-            raise ProtocolError("DataRow: message too short")
+            raise ProtocolError(f"{what}: message too short")
         values.append(body[pos:end])
         pos = end
-    if pos != n:
-        raise ProtocolError(f"DataRow: {n - pos} trailing bytes")
-    return tuple(values)
+    return tuple(values), pos
 
 
 @dataclass(frozen=True, slots=True)
