@@ -128,6 +128,9 @@ class RecordOptions:
     redact_params: bool = False
 
 
+_CACHED_TEXT_MAX = 4096  # longer statement texts are not kept in the caches below
+
+
 class Fingerprints:
     """pglast fingerprints, cached by literal-free text (statements that differ only in
     numbers share one; pgbench and ORMs send a new literal every time), else by the exact
@@ -144,6 +147,8 @@ class Fingerprints:
         """``key``: ``literal_free(sql)``, when the caller has it already. (A literal-free key
         never equals a text that is not literal-free: it holds no quote, ``$`` or ``::``.)"""
         if key is None:
+            if len(sql) > _CACHED_TEXT_MAX:
+                return fingerprint(sql)  # long texts are rarely repeated: not worth keeping
             key = sql
         try:
             return self._cache[key]
@@ -171,7 +176,7 @@ class Redactions:
         except KeyError:
             redacted = redact_secrets(sql)
             known = None if redacted == sql else redacted
-            if len(sql) <= 4096:  # long texts are rarely repeated: not worth keeping
+            if len(sql) <= _CACHED_TEXT_MAX:  # long texts are rarely repeated
                 if len(self._cache) >= self.size:
                     self._cache.clear()
                 self._cache[sql] = known

@@ -147,16 +147,16 @@ def format_ts(ts: float) -> str:
     elif micros < 0:
         whole -= 1.0
         micros += 1_000_000
-    global _ts_second, _ts_prefix
-    if whole != _ts_second:
+    global _ts_cached
+    second, prefix = _ts_cached  # one tuple: a reader never pairs one second with another's
+    if whole != second:
         # isoformat ends in "+00:00" for UTC; it is faster than strftime and pads the year
-        _ts_prefix = datetime.fromtimestamp(whole, tz=UTC).isoformat(timespec="seconds")[:-6]
-        _ts_second = whole
-    return f"{_ts_prefix}.{micros:06d}Z"
+        prefix = datetime.fromtimestamp(whole, tz=UTC).isoformat(timespec="seconds")[:-6]
+        _ts_cached = (whole, prefix)
+    return f"{prefix}.{micros:06d}Z"
 
 
-_ts_second = math.nan
-_ts_prefix = ""
+_ts_cached = (math.nan, "")
 
 
 def parse_ts(value: str | float | int) -> float:

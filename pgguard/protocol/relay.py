@@ -98,7 +98,7 @@ _OWN_REPLIES = b"123DC"
 # Command tags after which what ran earlier in the transaction may be undone.
 _UNDOING = (b"ROLLBACK", b"PREPARE TRANSACTION")
 # The reply the first injected statement still waiting for its replies expects next.
-_OWN_PARSE, _OWN_BIND, _OWN_RESULT, _OWN_CLOSE = 0, 1, 2, 3
+_OWN_PARSE, _OWN_BIND, _OWN_RESULT, _OWN_CLOSE_PORTAL, _OWN_CLOSE = 0, 1, 2, 3, 4
 
 _LEN = struct.Struct("!I")
 _UNSEEN = object()
@@ -986,7 +986,13 @@ class RelayCore:
         it does while no earlier request is still being answered and nothing of the batch
         came back yet (nor anything else since the last ReadyForQuery), or while it follows
         the batch's replies already; not once the batch failed."""
-        if self.pending:
+        if self.pending or self.status == b"E":
+            # In a failed transaction the server refuses the injected Parse and skips all up
+            # to the Sync: a ROLLBACK or COMMIT after it would fail too.
+            return False
+        if self.holding is not None and self._held_in and self._held_in[0][0] == _Q:
+            # Never before a simple Query: after an error of the injected statement the
+            # server would skip the Query too, waiting for a Sync that never comes.
             return False
         own = self._injections
         if own is not None:
@@ -1006,13 +1012,16 @@ class RelayCore:
         ran and nothing after it in the batch failed or rolled back (either may undo it)."""
         assert self.holding is not None and self._inject_next is None
         self._seq += 1
-        name = f"{self._own}{self._seq}"  # statement and portal; Close drops both
+        name = f"{self._own}{self._seq}"  # statement and portal
         values = tuple(p.encode("utf-8", "surrogateescape") for p in params)
         data = b"".join(
             (
                 Parse(name, sql).encode(),
                 Bind(name, name, (), values).encode(),
                 Execute(name).encode(),
+                # Both closed: a portal left open in a transaction block would show in
+                # pg_cursors (and give the names away) until the block ends.
+                Close(b"P", name).encode(),
                 Close(b"S", name).encode(),
             )
         )
@@ -1067,7 +1076,10 @@ class RelayCore:
         if stage == _OWN_RESULT and t in (_D, _C):
             if t == _C:
                 own.items[own.head].ran = True
-                own.stage = _OWN_CLOSE
+                own.stage = _OWN_CLOSE_PORTAL
+            return True
+        if stage == _OWN_CLOSE_PORTAL and t == _THREE:
+            own.stage = _OWN_CLOSE
             return True
         if stage == _OWN_CLOSE and t == _THREE:
             own.head += 1

@@ -583,3 +583,35 @@ def test_comment_prompt_ids_reach_triggers_through_the_extended_protocol(
         *("jwt-x", "e-1", "e-2", "e-2", "e-1", "e-3", "e-4", "jwt-x"),
         *("jwt-x", "e-5", "e-5", "e-5"),
     ]
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_prompt_ids_in_a_failed_transaction_never_block_its_rollback(
+    make_gateway: MakeGateway, tmp_path: Path, protocol: str
+) -> None:
+    """In a failed transaction block nothing of pgguard's own can run (the server refuses it
+    up to the block's end): commented statements fail as they would, and ROLLBACK ends the
+    block (a set_config slipped in before it would fail it, or, before a simple Query, leave
+    the server waiting for a Sync)."""
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    cursor_factory = psycopg.ClientCursor if protocol == "simple" else psycopg.Cursor
+    with psycopg.connect(
+        gw.dsn("fail", claims={"prompt_id": "jwt-f"}),
+        autocommit=True,
+        cursor_factory=cursor_factory,
+        connect_timeout=5,
+        options="-c statement_timeout=10000",
+    ) as conn:
+        conn.execute("begin")
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute("/* prompt_id='f-1' */ select 1/0")
+        with pytest.raises(errors.InFailedSqlTransaction):
+            conn.execute("/* prompt_id='f-2' */ select 1")
+        conn.execute("rollback")
+        assert conn.execute("/* prompt_id='f-3' */ select 1").fetchone() == (1,)
+        row = conn.execute("select current_setting('pgguard.prompt_id', true)").fetchone()
+        assert row == ("jwt-f",)  # the session's own again, after the commented statement
+    logged = eventually(lambda: [r for r in statements(gw, "fail") if "1/0" in r.statement])
+    assert [(r.prompt_id, r.sqlstate) for r in logged] == [("f-1", "22012")]

@@ -244,6 +244,10 @@ def test_parameterised_texts_are_fingerprinted_and_redacted_once(
     same = "".join(["select * from t where id = ", "$1"])  # equal, another object
     assert redactions(sql) is sql and redactions(same) is same  # unchanged: the caller's own
     assert calls == [sql, sql]  # one fingerprint, one redaction
+    long = "select * from t where note = '" + "x" * 5000 + "' and id = $1"
+    calls.clear()
+    fps(long), fps(long)
+    assert len(calls) == 2  # long texts are not kept
     secret = "alter role app password 'hunter2'"
     assert "hunter2" not in redactions(secret) and redactions(secret) == redactions(secret)
 

@@ -99,7 +99,8 @@ def own_answer(prompt: str) -> bytes:
         + m.BindComplete().encode()
         + m.DataRow((prompt.encode(),)).encode()
         + m.CommandComplete("SELECT 1").encode()
-        + m.CloseComplete().encode()
+        + m.CloseComplete().encode()  # the portal
+        + m.CloseComplete().encode()  # the statement
     )
 
 
@@ -122,15 +123,16 @@ def split(data: bytes) -> list[tuple[bytes, bytes]]:
 
 def injected(data: bytes, prompt: str) -> bytes:
     """Check that ``data`` starts with pgguard's set_config of ``prompt``; the rest of it."""
-    (p, pb), (b, bb), (e, eb), (c, cb) = split(data)[:4]
-    assert (p, b, e, c) == (b"P", b"B", b"E", b"C")
+    (p, pb), (b, bb), (e, eb), (c, cb), (c2, cb2) = split(data)[:5]
+    assert (p, b, e, c, c2) == (b"P", b"B", b"E", b"C", b"C")
     parse, bind = m.Parse.decode_body(pb), m.Bind.decode_body(bb)
     name = parse.name
     assert name.startswith("pgguard_") and parse.sql == SET
     assert (bind.portal, bind.statement, bind.params) == (name, name, (prompt.encode(),))
     assert m.Execute.decode_body(eb) == m.Execute(name, 0)
-    assert m.Close.decode_body(cb) == m.Close(b"S", name)  # drops the portal too
-    return data[sum(5 + len(body) for _, body in split(data)[:4]) :]
+    assert m.Close.decode_body(cb) == m.Close(b"P", name)  # nothing left open
+    assert m.Close.decode_body(cb2) == m.Close(b"S", name)
+    return data[sum(5 + len(body) for _, body in split(data)[:5]) :]
 
 
 def test_the_set_config_goes_into_the_batch_just_before_the_held_parse() -> None:
@@ -231,9 +233,9 @@ def test_its_own_error_reaches_the_client_as_the_next_statements(fails_at: str) 
     ]
 
 
-def test_in_a_failed_transaction_it_fails_like_the_statement_would() -> None:
-    # A failed transaction block: pgguard's own query cannot run before the statement, the
-    # injected set_config can; its 25P02 is the error the statement would have had.
+def test_nothing_is_injected_in_a_failed_transaction() -> None:
+    # A failed transaction block: neither pgguard's own query nor an injected statement can
+    # set the prompt id (the server refuses both until the block ends).
     s = Session()
     s.core.from_client(m.Query("begin").encode() + m.Query("select 1/0").encode())
     s.core.from_server(
@@ -242,11 +244,28 @@ def test_in_a_failed_transaction_it_fails_like_the_statement_would() -> None:
         + error("22012", "division by zero")
         + ready(b"E")
     )
+    # Nothing is injected: the server would refuse it and skip everything up to the Sync,
+    # a ROLLBACK included; the statement runs under the prompt id upstream (its record still
+    # carries its own).
     tagged, sync = statement(insert("two", "p-1")), m.Sync().encode()
-    assert injected(s.core.from_client(tagged + sync), "p-1") == tagged + sync
+    assert s.core.from_client(tagged + sync) == tagged + sync
     aborted = error("25P02", "current transaction is aborted")
     assert s.core.from_server(aborted + ready(b"E")) == aborted + ready(b"E")
-    assert s.settled == [False]
+    rollback = statement("rollback")
+    assert s.core.from_client(rollback + sync) == rollback + sync
+    assert s.settled == [] and s.upstream == "base"
+
+
+def test_never_before_a_simple_query() -> None:
+    # While pgguard's own query runs, a simple Query with another prompt id is released as it
+    # is: an injected statement that failed would make the server skip the Query for good.
+    s = Session()
+    s.core.internal_query("select 1", lambda rows, error: None)
+    assert s.core.internal_now()
+    s.core.server_out.clear()
+    tagged = m.Query(insert("one", "p-9")).encode()
+    assert s.core.from_client(tagged) == tagged
+    assert s.settled == [] and s.upstream == "base"
 
 
 def test_a_rollback_after_it_leaves_the_prompt_id_unknown() -> None:
