@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pgguard.approvals.model import ApprovalRequest
 from pgguard.audit.events import SessionContext, described
@@ -218,7 +218,26 @@ class SessionInfo:
 
 
 STALE_REFRESH_INTERVAL = 5.0
-_SETS_PROMPT = re.compile(r"\b(set|reset)\b[^;]*\bpgguard\.prompt_id\b|set_config", re.I)
+_SETS_PROMPT = re.compile(r"\b(set|reset)\b[^;]*\bpgguard\.prompt_id\b", re.I)
+_RESETS_ALL = re.compile(r"\b(reset|discard)\s+all\b", re.I)
+# set_config and its first argument when that is a plain string constant.
+_SET_CONFIG = re.compile(r"\bset_config\s*\(\s*('(?:[^']|'')*')?", re.I)
+
+
+def prompt_effect(sql: str) -> Literal["sets", "resets"] | None:
+    """What ``sql`` may do to ``pgguard.prompt_id`` itself: ``sets`` (SET or RESET of it, a
+    set_config whose name is it or not a constant), ``resets`` (RESET ALL, DISCARD ALL: back to
+    the session's startup value), or nothing (a set_config of another setting, such as a
+    row-level security key, leaves it alone)."""
+    if _SETS_PROMPT.search(sql):
+        return "sets"
+    for call in _SET_CONFIG.finditer(sql):
+        name = call.group(1)
+        if name is None or name[1:-1].replace("''", "'").strip().lower() == "pgguard.prompt_id":
+            return "sets"
+    return "resets" if _RESETS_ALL.search(sql) else None
+
+
 # Injected into a client's batch (the prompt id is a parameter, never part of the text).
 _SET_PROMPT = "select pg_catalog.set_config('pgguard.prompt_id', $1, false)"
 # Statements that must come before any query of their transaction, or run outside a
@@ -607,9 +626,13 @@ class Session:
         ``pgguard.prompt_id``, or one without a comment after such a statement (the session's
         own prompt id goes back): held while pgguard sets it (see :meth:`_sync_prompt`), so
         that a trigger sees the prompt id the statement's audit record carries."""
-        if _SETS_PROMPT.search(sql):
+        effect = prompt_effect(sql)
+        if effect == "sets":
             # The client sets it itself: no longer known, and no longer pgguard's to restore.
             self._upstream_prompt = self._base_prompt = None
+            return None
+        if effect == "resets":
+            self._upstream_prompt = None  # the startup value once it ran: set again if needed
             return None
         prompt = prompt_id_from_comment(sql)
         if prompt is None:

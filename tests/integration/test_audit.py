@@ -379,7 +379,9 @@ def test_comment_prompt_ids_reach_database_triggers(
         conn.execute(b"/* prompt_id='p-123' */ insert into prompt_log(note) values ('one')")
         conn.execute(b"insert into prompt_log(note) values ('two') /* prompt_id='p%2D456' */")
         conn.execute(b"/* prompt_id='p-456' */ insert into prompt_log(note) values ('three')")
-        # Without a comment again: the session's own prompt id is back for the trigger.
+        # Without a comment again: the session's own prompt id is back for the trigger, also
+        # after a set_config of another setting (a row-level security key, say).
+        conn.execute(b"select set_config('app.tenant', '7', false)")
         conn.execute(b"insert into prompt_log(note) values ('four')")
     with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
         rows = admin.execute("select note, prompt from public.prompt_log order by id").fetchall()

@@ -12,7 +12,7 @@ from pgguard.protocol import messages as m
 from pgguard.protocol.framing import MessageReader
 from pgguard.protocol.relay import RelayCore
 from pgguard.protocol.statements import StatementRun, StatementTracker
-from pgguard.proxy.server import _NOT_AFTER_A_QUERY
+from pgguard.proxy.server import _NOT_AFTER_A_QUERY, prompt_effect
 
 SET = "select pg_catalog.set_config('pgguard.prompt_id', $1, false)"
 
@@ -407,3 +407,25 @@ def test_statements_a_set_config_must_not_come_before(sql: str, first: bool) -> 
     # They must come first in their transaction (or outside one, or outside a pipeline):
     # the session leaves the prompt id upstream as it is rather than make them fail.
     assert bool(_NOT_AFTER_A_QUERY.match(sql)) is first
+
+
+@pytest.mark.parametrize(
+    ("sql", "effect"),
+    [
+        ("set pgguard.prompt_id = 'x'", "sets"),
+        ("RESET pgguard.prompt_id", "sets"),
+        ("select set_config('pgguard.prompt_id', 'x', false)", "sets"),
+        ("select SET_CONFIG( 'PGGUARD.PROMPT_ID' , 'x', true)", "sets"),
+        ("select set_config(name, 'x', false) from names", "sets"),  # not a constant: unknown
+        ("select set_config('app.tenant', '7', false)", None),  # row-level security keys
+        (
+            "select set_config('it''s', 'x', false), set_config('pgguard.prompt_id', 'y', false)",
+            "sets",
+        ),
+        ("reset all", "resets"),
+        ("DISCARD ALL", "resets"),
+        ("select 1", None),
+    ],
+)
+def test_what_a_statement_may_do_to_the_prompt_id(sql: str, effect: str | None) -> None:
+    assert prompt_effect(sql) == effect
