@@ -617,3 +617,39 @@ def test_prompt_ids_in_a_failed_transaction_never_block_its_rollback(
         assert row == ("jwt-f",)  # the session's own again, after the commented statement
     logged = eventually(lambda: [r for r in statements(gw, "fail") if "1/0" in r.statement])
     assert [(r.prompt_id, r.sqlstate) for r in logged] == [("f-1", "22012")]
+
+
+def test_prompt_ids_through_asyncpg_named_prepared_statements(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """asyncpg prepares every statement under a name (Parse/Describe/Sync, then Bind/Execute/
+    Sync): each execution still runs under its own comment's prompt id, a prepared statement
+    run again after an uncommented one too."""
+    import asyncio
+
+    import asyncpg
+
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    current = "select current_setting('pgguard.prompt_id', true)"
+
+    async def session() -> list[Any]:
+        token = gw.token("apg", prompt_id="jwt-a")
+        conn = await asyncpg.connect(
+            host=gw.host, port=gw.port, user="apg", password=token, database="app", ssl=False
+        )
+        try:
+            seen = [await conn.fetchval(f"/* prompt_id='a-1' */ {current}")]
+            seen.append(await conn.fetchval(current))
+            with_param = f"/* prompt_id='a-2' */ {current} where $1::int = 1"
+            seen.append(await conn.fetchval(with_param, 1))
+            prepared = await conn.prepare(f"/* prompt_id='a-3' */ {current}")
+            seen.append(await prepared.fetchval())
+            seen.append(await conn.fetchval(current))
+            seen.append(await prepared.fetchval())
+            return seen
+        finally:
+            await conn.close()
+
+    assert asyncio.run(session()) == ["a-1", "jwt-a", "a-2", "a-3", "jwt-a", "a-3"]
