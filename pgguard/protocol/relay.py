@@ -193,6 +193,7 @@ class RelayCore:
         "closing",
         "ending",
         "epoch",
+        "forget_at_idle",
         "gate",
         "holding",
         "hook",
@@ -288,6 +289,9 @@ class RelayCore:
         self._heard = False
         self._injections: _Injections | None = None
         self._inject_next: tuple[bytes, _Injected] | None = None
+        # Set by the session: verdicts given inside the current transaction block are
+        # forgotten when it ends (e.g. they relied on a setting a ROLLBACK undoes).
+        self.forget_at_idle = False
 
     def enable_masking(self, masking: SessionMasking) -> None:
         """Mask result rows from now on (the identity has masks). Every DataRow and CopyData
@@ -664,6 +668,9 @@ class RelayCore:
             if t == _Z:
                 self.status = _STATUS[buf[pos + 5]]
                 self._heard = end < len(buf)
+                if self.forget_at_idle and self.status == b"I":
+                    self.forget_at_idle = False
+                    self._verdicts.clear()
                 if self.pending:
                     self.pending -= 1
                     if self._requests:

@@ -304,6 +304,9 @@ class Session:
         # ... and the session's own (startup options or token), which statements without a
         # prompt comment run under; None once the client sets it itself (then unknown).
         self._base_prompt: str | None = None
+        # pgguard set it inside a transaction block: a ROLLBACK undoes that, so once the
+        # session is idle again the value upstream is not known (set again when needed).
+        self._prompt_in_block = False
         # Statement metrics without the audit: (class, decision if let run) of each statement
         # of a text, valid for one guard epoch.
         self._kinds: dict[bytes | str, tuple[tuple[str, str], ...]] = {}  # by text or shape
@@ -643,8 +646,12 @@ class Session:
 
     def _known_prompt(self) -> str | None:
         """``pgguard.prompt_id`` on the upstream session as far as pgguard knows; None when it
-        does not (a batch it injected a set_config into is over but not answered yet)."""
-        return None if self.core.injected_in_flight else self._upstream_prompt
+        does not (a batch it injected a set_config into is over but not answered yet; a
+        transaction block it set it in has ended, maybe rolled back)."""
+        core = self.core
+        if core.injected_in_flight or (self._prompt_in_block and core.status == b"I"):
+            return None
+        return self._upstream_prompt
 
     def _sync_prompt(self, prompt: str, sql: str) -> None:
         """Set ``pgguard.prompt_id`` upstream, then let the held statement run: at the start
@@ -663,19 +670,25 @@ class Session:
             # fail on it (its error would fail the client's statement).
             if value.isascii() and core.can_inject() and not _NOT_AFTER_A_QUERY.match(sql):
                 core.inject(_SET_PROMPT, (value,), self._prompt_settled)
-                # The client's statements after it in the batch run only if it did.
+                # The client's statements after it in the batch run only if it did. The
+                # batch may open a transaction block and roll it back: known until idle.
                 self._upstream_prompt = prompt
+                self._prompt_in_block = core.forget_at_idle = True
                 core.forget_verdicts()
             self._release_hold(None)
             return
         literal = value.replace("'", "''")
 
         def done(_rows: list[tuple[str | None, ...]], error: str | None) -> None:
-            if error is None and prompt != self._upstream_prompt:
-                self._upstream_prompt = prompt
-                # Verdicts remembered per text were given under the previous prompt id
-                # (None for texts without a comment, which may now need it restored).
-                core.forget_verdicts()
+            if error is None:
+                self._prompt_in_block = core.status != b"I"
+                if self._prompt_in_block:
+                    core.forget_at_idle = True
+                if prompt != self._upstream_prompt:
+                    self._upstream_prompt = prompt
+                    # Verdicts remembered per text were given under the previous prompt id
+                    # (None for texts without a comment, which may now need it restored).
+                    core.forget_verdicts()
             self._release_hold(None)
 
         core.internal_query(

@@ -653,3 +653,36 @@ def test_prompt_ids_through_asyncpg_named_prepared_statements(
             await conn.close()
 
     assert asyncio.run(session()) == ["a-1", "jwt-a", "a-2", "a-3", "jwt-a", "a-3"]
+
+
+def test_a_rolled_back_prompt_id_is_set_again(
+    make_gateway: MakeGateway, tmp_path: Path, pg: Any
+) -> None:
+    """A ROLLBACK undoes the set_config pgguard ran inside the block: the next statement
+    with that prompt id sets it again instead of trusting it is still there."""
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        admin.execute(
+            """
+            drop table if exists public.prompt_log_r;
+            create table public.prompt_log_r (id serial primary key, note text, prompt text);
+            create or replace function public.stamp_prompt_r() returns trigger language plpgsql
+              as $$ begin new.prompt := current_setting('pgguard.prompt_id', true);
+                     return new; end $$;
+            create trigger stamp before insert on public.prompt_log_r
+              for each row execute function public.stamp_prompt_r();
+            grant all on public.prompt_log_r to public;
+            grant all on sequence public.prompt_log_r_id_seq to public;
+            """
+        )
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    tagged = "/* prompt_id='r-1' */ insert into prompt_log_r(note) values (%s)"
+    with psycopg.connect(gw.dsn("rb", claims={"prompt_id": "jwt-r"}), autocommit=True) as conn:
+        conn.execute("begin")
+        conn.execute(tagged, ("undone",))
+        conn.execute("/* prompt_id='r-1' */ rollback")
+        conn.execute(tagged, ("kept",))
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        rows = admin.execute("select note, prompt from public.prompt_log_r order by id").fetchall()
+    assert rows == [("kept", "r-1")]

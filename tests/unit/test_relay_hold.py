@@ -208,3 +208,22 @@ def test_a_prompt_id_is_set_at_the_parse_that_starts_a_batch() -> None:
     assert not core.can_inject()
     assert core.from_client(parse + rest) == parse
     assert len(held) == 5 and core.holding is sync
+
+
+def test_verdicts_of_a_transaction_block_can_be_forgotten_when_it_ends() -> None:
+    # The session sets forget_at_idle when a verdict relied on something a ROLLBACK undoes
+    # (a prompt id set inside the block): at the next idle ReadyForQuery, texts are judged
+    # afresh; until then the cache answers.
+    judged: list[str] = []
+    core = RelayCore(1 << 20, lambda sql: judged.append(sql) or None)
+    query = m.Query("select 1").encode()
+    core.from_client(query)
+    core.from_server(m.ReadyForQuery(b"T").encode())
+    core.forget_at_idle = True
+    core.from_client(query)
+    core.from_server(m.ReadyForQuery(b"T").encode())
+    assert judged == ["select 1"]
+    core.from_client(query)
+    core.from_server(m.ReadyForQuery(b"I").encode())
+    core.from_client(query)
+    assert judged == ["select 1", "select 1"] and not core.forget_at_idle
