@@ -30,6 +30,31 @@ def audited(
     return make_gateway(audit={"url": url, "mode": mode}, **extra)
 
 
+def prompt_log_table(pg: Any, table: str) -> None:
+    """A table whose trigger stamps each row with ``pgguard.prompt_id`` as the server has it."""
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        admin.execute(
+            f"""
+            drop table if exists public.{table};
+            create table public.{table} (id serial primary key, note text, prompt text);
+            create or replace function public.stamp_{table}() returns trigger language plpgsql
+              as $$ begin new.prompt := current_setting('pgguard.prompt_id', true);
+                     return new; end $$;
+            create trigger stamp before insert on public.{table}
+              for each row execute function public.stamp_{table}();
+            grant all on public.{table} to public;
+            grant all on sequence public.{table}_id_seq to public;
+            """
+        )
+
+
+def allowing(make_gateway: MakeGateway, tmp_path: Path) -> Gateway:
+    """An audited gateway whose policy allows everything (so every statement is judged)."""
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
+    return audited(make_gateway, tmp_path, policies=[str(policy)])
+
+
 def records(gw: Gateway, **filters: Any) -> list[Any]:
     store = SqlStore(gw.config["audit"]["url"], migrate=False)
     try:
@@ -355,23 +380,8 @@ def test_comment_prompt_ids_reach_database_triggers(
 ) -> None:
     """`/* prompt_id='…' */` is set as pgguard.prompt_id upstream before the statement runs,
     so a trigger can record which prompt wrote a row."""
-    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
-        admin.execute(
-            """
-            drop table if exists public.prompt_log;
-            create table public.prompt_log (id serial primary key, note text, prompt text);
-            create or replace function public.stamp_prompt() returns trigger language plpgsql
-              as $$ begin new.prompt := current_setting('pgguard.prompt_id', true);
-                     return new; end $$;
-            create trigger stamp before insert on public.prompt_log
-              for each row execute function public.stamp_prompt();
-            grant all on public.prompt_log to public;
-            grant all on sequence public.prompt_log_id_seq to public;
-            """
-        )
-    policy = tmp_path / "allow.yaml"
-    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
-    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    prompt_log_table(pg, "prompt_log")
+    gw = allowing(make_gateway, tmp_path)
     with psycopg.connect(
         gw.dsn("pat", claims={"prompt_id": "jwt-prompt"}), autocommit=True
     ) as conn:
@@ -523,23 +533,8 @@ def test_comment_prompt_ids_reach_triggers_through_the_extended_protocol(
 ) -> None:
     """The same through Parse/Bind/Execute: parameters, a prepared statement run again under
     another prompt, a pipeline of several statements in one batch, and one that fails."""
-    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
-        admin.execute(
-            """
-            drop table if exists public.prompt_log_x;
-            create table public.prompt_log_x (id serial primary key, note text, prompt text);
-            create or replace function public.stamp_prompt_x() returns trigger language plpgsql
-              as $$ begin new.prompt := current_setting('pgguard.prompt_id', true);
-                     return new; end $$;
-            create trigger stamp before insert on public.prompt_log_x
-              for each row execute function public.stamp_prompt_x();
-            grant all on public.prompt_log_x to public;
-            grant all on sequence public.prompt_log_x_id_seq to public;
-            """
-        )
-    policy = tmp_path / "allow.yaml"
-    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
-    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    prompt_log_table(pg, "prompt_log_x")
+    gw = allowing(make_gateway, tmp_path)
     insert = "/* prompt_id='{}' */ insert into prompt_log_x(note) values (%s)"
     with psycopg.connect(gw.dsn("ext", claims={"prompt_id": "jwt-x"}), autocommit=True) as conn:
         conn.execute("insert into prompt_log_x(note) values (%s)", ("plain",))
@@ -595,9 +590,7 @@ def test_prompt_ids_in_a_failed_transaction_never_block_its_rollback(
     up to the block's end): commented statements fail as they would, and ROLLBACK ends the
     block (a set_config slipped in before it would fail it, or, before a simple Query, leave
     the server waiting for a Sync)."""
-    policy = tmp_path / "allow.yaml"
-    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
-    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    gw = allowing(make_gateway, tmp_path)
     cursor_factory = psycopg.ClientCursor if protocol == "simple" else psycopg.Cursor
     with psycopg.connect(
         gw.dsn("fail", claims={"prompt_id": "jwt-f"}),
@@ -629,9 +622,7 @@ def test_prompt_ids_through_asyncpg_named_prepared_statements(
 
     import asyncpg
 
-    policy = tmp_path / "allow.yaml"
-    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
-    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    gw = allowing(make_gateway, tmp_path)
     current = "select current_setting('pgguard.prompt_id', true)"
 
     async def session() -> list[Any]:
@@ -660,23 +651,8 @@ def test_a_rolled_back_prompt_id_is_set_again(
 ) -> None:
     """A ROLLBACK undoes the set_config pgguard ran inside the block: the next statement
     with that prompt id sets it again instead of trusting it is still there."""
-    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
-        admin.execute(
-            """
-            drop table if exists public.prompt_log_r;
-            create table public.prompt_log_r (id serial primary key, note text, prompt text);
-            create or replace function public.stamp_prompt_r() returns trigger language plpgsql
-              as $$ begin new.prompt := current_setting('pgguard.prompt_id', true);
-                     return new; end $$;
-            create trigger stamp before insert on public.prompt_log_r
-              for each row execute function public.stamp_prompt_r();
-            grant all on public.prompt_log_r to public;
-            grant all on sequence public.prompt_log_r_id_seq to public;
-            """
-        )
-    policy = tmp_path / "allow.yaml"
-    policy.write_text("version: 1\ndefaults: {action: allow}\nrules: []\n")
-    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    prompt_log_table(pg, "prompt_log_r")
+    gw = allowing(make_gateway, tmp_path)
     tagged = "/* prompt_id='r-1' */ insert into prompt_log_r(note) values (%s)"
     with psycopg.connect(gw.dsn("rb", claims={"prompt_id": "jwt-r"}), autocommit=True) as conn:
         conn.execute("begin")
