@@ -220,7 +220,7 @@ def statement_record(
     if options.redact_literals:
         sql = redact_literals(sql)
     recorded = run.preview
-    if isinstance(recorded, RawPreview):  # as the relay keeps it (run_from_wire decodes it)
+    if isinstance(recorded, RawPreview):  # as the relay kept it: decoded here
         recorded = recorded.decoded()
     if recorded is not None and (recorded.columns or recorded.rows):
         preview = recorded.to_dict()

@@ -166,12 +166,10 @@ def run_to_wire(run: StatementRun) -> tuple[Any, ...]:
 
 
 def run_from_wire(wire: tuple[Any, ...]) -> StatementRun:
-    """The run, its preview decoded (the writer process's share of the session recording)."""
+    """The run (a raw preview stays raw: the record builder decodes it)."""
     values = list(wire)
     p = values[_PREVIEW]
-    if type(p) is RawPreview:
-        values[_PREVIEW] = p.decoded()
-    elif p is not None:
+    if p is not None and type(p) is not RawPreview:
         statement, columns, rows, truncated, row_count, tag, err, dropped = p
         error = None if err is None else RecordedError(*err)
         values[_PREVIEW] = RecordedStatement(

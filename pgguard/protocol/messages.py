@@ -146,12 +146,10 @@ def _int16s_at(body: bytes, pos: int) -> tuple[tuple[int, ...], int]:
 def _only_cstring(body: bytes, what: str) -> str:
     """A body that is one NUL-terminated string (Query, CommandComplete: one per statement,
     so read without a BodyReader)."""
-    end = body.find(b"\0")
-    if end < 0:
-        raise ProtocolError(f"{what}: unterminated string")
-    if end != len(body) - 1:
-        raise ProtocolError(f"{what}: {len(body) - end - 1} trailing bytes")
-    return body[:end].decode("utf-8", "surrogateescape")
+    text, end = _cstring_at(body, 0, what)
+    if end != len(body):
+        raise ProtocolError(f"{what}: {len(body) - end} trailing bytes")
+    return text
 
 
 def _cstr(text: str) -> bytes:

@@ -104,6 +104,20 @@ def own_answer(prompt: str) -> bytes:
     )
 
 
+def four_statement_replies() -> bytes:
+    """The server's replies to plain, e-3, e-4, plain (the session's own back) in one batch."""
+    return (
+        answer()
+        + own_answer("e-3")
+        + answer()
+        + own_answer("e-4")
+        + answer()
+        + own_answer("base")
+        + answer()
+        + ready()
+    )
+
+
 def error(sqlstate: str, message: str) -> bytes:
     return m.ErrorResponse(m.error_fields("ERROR", sqlstate, message)).encode()
 
@@ -184,17 +198,7 @@ def test_several_statements_of_one_batch_each_get_their_prompt_id() -> None:
     rest = injected(rest[len(three) :], "e-4")
     assert rest.startswith(four)
     assert injected(rest[len(four) :], "base") == after + sync
-    replies = (
-        answer()
-        + own_answer("e-3")
-        + answer()
-        + own_answer("e-4")
-        + answer()
-        + own_answer("base")
-        + answer()
-        + ready()
-    )
-    assert s.core.from_server(replies) == answer() * 4 + ready()
+    assert s.core.from_server(four_statement_replies()) == answer() * 4 + ready()
     assert s.settled == [True, True, True] and s.upstream == "base"
 
 
@@ -296,16 +300,7 @@ def test_the_tracker_sees_only_the_clients_statements() -> None:
     s.core.track_statements(StatementTracker(lambda: 0.0), runs.extend)
     sqls = [insert("plain"), insert("three", "e-3"), insert("four", "e-4"), insert("after")]
     s.core.from_client(b"".join(statement(sql) for sql in sqls) + m.Sync().encode())
-    s.core.from_server(
-        answer()
-        + own_answer("e-3")
-        + answer()
-        + own_answer("e-4")
-        + answer()
-        + own_answer("base")
-        + answer()
-        + ready()
-    )
+    s.core.from_server(four_statement_replies())
     assert [(r.statement, r.command_tag) for r in runs] == [(sql, "INSERT 0 1") for sql in sqls]
 
 
