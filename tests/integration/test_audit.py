@@ -662,3 +662,119 @@ def test_a_rolled_back_prompt_id_is_set_again(
     with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
         rows = admin.execute("select note, prompt from public.prompt_log_r order by id").fetchall()
     assert rows == [("kept", "r-1")]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 4 MB filesystem of its own (tmpfs), to be filled up; needs root (CAP_SYS_ADMIN)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of ``disk``: a file written until the disk refuses."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        chunk = b"\0" * 65536
+        try:
+            while True:
+                f.write(chunk)
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0")
+        except OSError:
+            pass
+    return filler
+
+
+def test_strict_mode_on_a_full_disk_refuses_then_recovers_losing_nothing(
+    make_gateway: MakeGateway, small_disk: Path
+) -> None:
+    url = f"sqlite:///{small_disk / 'audit.db'}"
+    gw = make_gateway(audit={"url": url, "mode": "strict", "strict_timeout": "5s"})
+    acknowledged: list[str] = []
+    with psycopg.connect(gw.dsn("disk"), autocommit=True) as conn:
+        for i in range(20):
+            conn.execute(f"select {i}".encode())
+            acknowledged.append(f"select {i}")
+    filler = fill(small_disk)
+    refused: psycopg.Error | None = None
+    with psycopg.connect(gw.dsn("disk"), autocommit=True) as conn:
+        # SQLite's WAL may hold a little room already: a few commits can still go through.
+        for i in range(100, 2100):
+            try:
+                conn.execute(f"select {i}".encode())
+            except psycopg.Error as exc:
+                refused = exc
+                break
+            acknowledged.append(f"select {i}")
+    assert refused is not None, "a full disk never stopped a strict statement"
+    assert refused.sqlstate == "58030", refused
+    assert "pgguard: audit" in str(refused)
+    assert "disk is full" in gw.read_log()  # the log says why
+    # While the disk stays full, statements are refused, clearly, not left hanging.
+    started = time.monotonic()
+    with pytest.raises(psycopg.Error) as again:
+        with psycopg.connect(gw.dsn("disk"), autocommit=True) as conn:
+            conn.execute(b"select 'while full'")
+    assert "audit" in str(again.value)
+    assert time.monotonic() - started < 15
+    # Room again: sessions work, and every statement a client saw succeed has its record.
+    filler.unlink()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(gw.dsn("disk"), autocommit=True) as conn:
+                conn.execute(b"select 'after'")
+            break
+        except psycopg.Error:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    stored = [r.statement for r in statements(gw, "disk")]
+    missing = [text for text in acknowledged if text not in stored]
+    assert missing == [], f"{len(missing)} acknowledged statements have no record"
+    assert "select 'after'" in stored
+    verified = subprocess.run(
+        [PGGUARD, "audit", "verify", "--config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_buffered_mode_keeps_records_through_a_full_disk(
+    make_gateway: MakeGateway, small_disk: Path
+) -> None:
+    gw = make_gateway(audit={"url": f"sqlite:///{small_disk / 'audit.db'}", "mode": "buffered"})
+    with psycopg.connect(gw.dsn("spill"), autocommit=True) as conn:
+        conn.execute(b"select 'before'")
+        assert eventually(lambda: statements(gw, "spill"))
+        filler = fill(small_disk)
+        # Buffered mode never refuses a statement: the records wait in the writer's queue.
+        for i in range(300):
+            conn.execute(f"select {i}".encode())
+        assert eventually(lambda: "disk is full" in gw.read_log(), timeout=10)
+        filler.unlink()
+        texts = eventually(
+            lambda: (
+                found if len(found := [r.statement for r in statements(gw, "spill")]) > 300 else []
+            ),
+            timeout=30,
+        )
+    assert texts[0] == "select 'before'"
+    assert texts[1:] == [f"select {i}" for i in range(300)]
