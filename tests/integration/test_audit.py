@@ -727,9 +727,11 @@ def test_strict_mode_on_a_full_disk_refuses_then_recovers_losing_nothing(
     assert "disk is full" in gw.read_log()  # the log says why
     # While the disk stays full, statements are refused, clearly, not left hanging.
     started = time.monotonic()
-    with pytest.raises(psycopg.Error) as again:
-        with psycopg.connect(gw.dsn("disk"), autocommit=True) as conn:
-            conn.execute(b"select 'while full'")
+    with (
+        pytest.raises(psycopg.Error) as again,
+        psycopg.connect(gw.dsn("disk"), autocommit=True) as conn,
+    ):
+        conn.execute(b"select 'while full'")
     assert "audit" in str(again.value)
     assert time.monotonic() - started < 15
     # Room again: sessions work, and every statement a client saw succeed has its record.
