@@ -109,6 +109,10 @@ def _no_clock() -> float:
     return 0.0
 
 
+def _ignored(_rows: list[tuple[str | None, ...]], _error: str | None) -> None:
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class Fatal:
     """A FATAL error pgguard sends to the client before closing the session."""
@@ -131,7 +135,9 @@ class _Injected:
 
     parses: int  # the client's Parses before it in the batch: their ParseCompletes come first
     on_settled: SettledCallback
+    name: str  # of its prepared statement (and portal)
     ran: bool = False  # its CommandComplete arrived
+    prepared: bool = False  # its Parse went through and its Close(statement) has not yet
 
 
 @dataclass(slots=True)
@@ -1032,7 +1038,7 @@ class RelayCore:
                 Close(b"S", name).encode(),
             )
         )
-        self._inject_next = (data, _Injected(self._parses, on_settled))
+        self._inject_next = (data, _Injected(self._parses, on_settled, name))
 
     @property
     def injected_in_flight(self) -> bool:
@@ -1069,6 +1075,7 @@ class RelayCore:
         if stage == _OWN_PARSE:
             if t == _ONE:
                 if own.head < len(own.items) and own.ones == own.items[own.head].parses:
+                    own.items[own.head].prepared = True
                     own.stage = _OWN_BIND
                     return True
                 own.ones += 1  # the client's
@@ -1089,6 +1096,7 @@ class RelayCore:
             own.stage = _OWN_CLOSE
             return True
         if stage == _OWN_CLOSE and t == _THREE:
+            own.items[own.head].prepared = False
             own.head += 1
             own.stage = _OWN_PARSE
             return True
@@ -1100,4 +1108,8 @@ class RelayCore:
         self._apply_server_table()
         self._verdicts.clear()  # given while the outcome was not known
         for i, item in enumerate(own.items):
+            if item.prepared:
+                # It failed after its Parse, so the server skipped its Closes: its statement
+                # would stay prepared on the session; gone once the session is idle again.
+                self.internal_query(f"DEALLOCATE {item.name}", _ignored, outside_transaction=True)
             item.on_settled(item.ran and not own.failed and i >= own.undone)

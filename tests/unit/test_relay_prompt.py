@@ -235,6 +235,18 @@ def test_its_own_error_reaches_the_client_as_the_next_statements(fails_at: str) 
         (insert("one"), "INSERT 0 1", None, True),
         (insert("two", "p-1"), None, "57014", True),
     ]
+    # Failing after its Parse, its Closes were skipped: pgguard deallocates its statement
+    # once the session is idle, unseen by the client and the tracker.
+    out = s.core.server_out
+    if fails_at == "execute":
+        ((kind, body),) = split(b"".join(out))
+        assert kind == b"Q"
+        sql = m.Query.decode_body(body).sql
+        assert sql.startswith("DEALLOCATE pgguard_") and sql.endswith("_1")
+        out.clear()
+        assert s.core.from_server(m.CommandComplete("DEALLOCATE").encode() + ready()) == b""
+    assert out == []
+    assert len(runs) == 2
 
 
 def test_nothing_is_injected_in_a_failed_transaction() -> None:
