@@ -780,3 +780,39 @@ def test_buffered_mode_keeps_records_through_a_full_disk(
         )
     assert texts[0] == "select 'before'"
     assert texts[1:] == [f"select {i}" for i in range(300)]
+
+
+def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw.admin_port, timeout=5)
+    try:
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_readyz_says_the_audit_is_failing_while_its_writer_is_replaced(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = audited(make_gateway, tmp_path)
+    assert readyz(gw)[0] == 200
+    os.kill(writer_process(gw), signal.SIGKILL)
+    seen: list[tuple[int, dict[str, Any]]] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        seen.append(readyz(gw))
+        if seen[-1][0] == 200 and any(status == 503 for status, _ in seen):
+            break
+        time.sleep(0.05)
+    unready = [body for status, body in seen if status == 503]
+    assert unready, "the dead writer never showed in /readyz"
+    assert unready[0]["failed"] == ["audit"]
+    assert unready[0]["checks"]["audit"].startswith("audit store failing")
+    assert seen[-1][0] == 200, "the replaced writer never made the gateway ready again"
+    assert seen[-1][1]["checks"]["audit"] == "ok"
+    with psycopg.connect(gw.dsn("ready"), autocommit=True) as conn:
+        conn.execute(b"select 'after the writer came back'")
+    assert [r.statement for r in statements(gw, "ready")] == ["select 'after the writer came back'"]
