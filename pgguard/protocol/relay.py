@@ -50,10 +50,11 @@ _Z = 90
 
 # Intercepted types. Client: Query, Parse, Sync, FunctionCall, Terminate, Bind (a prepared
 # statement is judged again at each Bind: the policy or search_path may have changed).
-CLIENT_INTERCEPT = b"QPSFXBC"  # and Close, which frees a prepared statement's name
+CLIENT_INTERCEPT = b"QPSFXBCEcf"  # and Close, which frees a prepared statement's name
+# (Execute, CopyDone and CopyFail: for the Syncs a COPY FROM STDIN's server ignores)
 # Server: ReadyForQuery, ErrorResponse (to put refusals in their place), ParameterStatus
 # (a setting that changes how the server reads SQL ends the session).
-SERVER_INTERCEPT = b"ZES"
+SERVER_INTERCEPT = b"ZESG"  # and CopyInResponse
 _E = 69
 
 # A statement hook sees the SQL of every Query and Parse and may refuse it.
@@ -76,6 +77,8 @@ CountedCallback = Callable[[list[Counted], float], None]
 _ROW_LIMIT_TYPES = frozenset((_D, _C, _E, _Z))
 _JUDGED = frozenset((_Q, _P, _B))  # client messages whose SQL the hook judges
 _COUNTED = frozenset((_S, _F))  # client messages answered by a ReadyForQuery
+_COPY_END = frozenset(b"cf")  # CopyDone, CopyFail
+_COPY_IN = 71  # G: CopyInResponse
 # Masking follows every request and reply that starts, describes or ends a result.
 MASKING_CLIENT_TYPES = b"QPBDECSF"
 MASKING_SERVER_TYPES = b"TntCIsEZHdcG"
@@ -162,6 +165,7 @@ class RelayCore:
     __slots__ = (
         "_client",
         "_clock",
+        "_copy_in",
         "_epoch_seen",
         "_extra_server",
         "_heard",
@@ -194,6 +198,7 @@ class RelayCore:
         "_server",
         "_server_table",
         "_statements",
+        "_syncs_since_execute",
         "_verdicts",
         "cancel_requested",
         "closing",
@@ -241,6 +246,11 @@ class RelayCore:
         self._server = Scanner(SERVER_INTERCEPT, max_message_bytes)
         self.status = b"I"  # transaction status from the last ReadyForQuery
         self.pending = 0  # ReadyForQuery messages the client still expects
+        # A COPY FROM STDIN's server ignores the Syncs it gets in copy-in mode (libpq sends
+        # one with the COPY's Execute): those since the last Execute are not counted once
+        # the copy ends (CopyDone or CopyFail after a CopyInResponse).
+        self._syncs_since_execute = 0
+        self._copy_in = False
         self.terminated = False  # client sent Terminate
         self.ending: Fatal | None = None  # end the session at the next idle point
         self.closing = False  # close both sides once the output is written
@@ -418,6 +428,7 @@ class RelayCore:
                     self._end_request()
                 if t == _S:
                     self.unsynced = False
+                    self._syncs_since_execute += 1
                 continue
             if t == _X:
                 self.terminated = True
@@ -426,12 +437,18 @@ class RelayCore:
             if t == _Q:
                 self.pending += 1
                 self._parses = 0
+                self._syncs_since_execute = 0
                 if self._injections is not None:
                     self._batch_sent()
                 if self.on_counted is not None:
                     self._end_request()
+            elif t in _COPY_END:
+                if self._copy_in:
+                    self._copy_ended()
             else:
                 self.unsynced = True  # Parse, Bind, Describe, Execute, Close
+                if t == _EXECUTE:
+                    self._syncs_since_execute = 0
             if refusal is not None:
                 if out is None:
                     out = []
@@ -697,6 +714,8 @@ class RelayCore:
                     self.closing = True
                     head = buf[prev : pos + 6]
                     return b"".join((*(out or ()), head, self.ending.encode()))
+            elif t == _COPY_IN:
+                self._copy_in = True
             elif t == _S:
                 status = ParameterStatus.decode_body(buf[pos + 5 : end])
                 reason = unsafe_setting(status.name, status.value)
@@ -726,6 +745,24 @@ class RelayCore:
         self.on_counted = on_counted
         self._clock = clock
         self._requests.extend([None] * self.pending)  # replies already due ran nothing seen
+
+    def _copy_ended(self) -> None:
+        """CopyDone or CopyFail of a COPY FROM STDIN: the Syncs sent since its Execute reached
+        the server in copy-in mode, which ignored them; the Sync after this one gets the
+        ReadyForQuery. Their statements belong to that Sync's request."""
+        self._copy_in = False
+        ignored, self._syncs_since_execute = self._syncs_since_execute, 0
+        if not ignored:
+            return
+        self.pending -= ignored
+        if self.on_counted is not None:
+            for _ in range(ignored):
+                entry = self._requests.pop() if self._requests else None
+                if entry is not None:
+                    self._noted_at, noted = entry
+                    self._noted = noted + self._noted
+        if self.tracker is not None:
+            self.tracker.ignored_syncs(ignored)
 
     def _end_request(self) -> None:
         """A Query, Sync or FunctionCall was sent: the statements noted since the last one

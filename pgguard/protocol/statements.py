@@ -196,6 +196,13 @@ class StatementTracker:
         self._batch += 1
         self._ready.append(self._batch)
 
+    def ignored_syncs(self, count: int) -> None:
+        """The last ``count`` Syncs reached a COPY FROM STDIN's server in copy-in mode, which
+        ignored them: no ReadyForQuery ends their batches; the next Sync's ends them."""
+        for _ in range(min(count, len(self._ready))):
+            self._ready.pop()
+        self._batch -= count
+
     def close(self, kind: bytes, name: str) -> None:
         if kind == b"S":
             self._statements.pop(name, None)

@@ -816,3 +816,54 @@ def test_readyz_says_the_audit_is_failing_while_its_writer_is_replaced(
     with psycopg.connect(gw.dsn("ready"), autocommit=True) as conn:
         conn.execute(b"select 'after the writer came back'")
     assert [r.statement for r in statements(gw, "ready")] == ["select 'after the writer came back'"]
+
+
+def test_an_extended_protocol_copy_leaves_the_session_in_step(
+    make_gateway: MakeGateway, tmp_path: Path, pg: Any
+) -> None:
+    """libpq's way (PQexecParams): the Sync sent with the COPY's Execute reaches the server in
+    copy-in mode, which ignores it; the Sync after CopyDone gets the one ReadyForQuery."""
+    from tests.support import rawpg
+
+    prompt_log_table(pg, "copy_log")
+    gw = allowing(make_gateway, tmp_path)
+    with rawpg.connect("127.0.0.1", gw.port, "copier", "app", gw.token("copier")) as raw:
+        raw.sock.settimeout(10)
+        raw.parse("", "COPY public.copy_log (note) FROM STDIN")
+        raw.bind("", "", [])
+        raw.describe("P", "")
+        raw.execute("", 0)
+        raw.sync()
+        kinds = [k for k, _ in raw.read_messages(4)]
+        assert kinds == [b"1", b"2", b"n", b"G"]
+        raw.send(b"d", b"one\ntwo\n")
+        raw.send(b"c")
+        raw.sync()
+        assert [k for k, _ in raw.read_until_ready()] == [b"C", b"Z"]
+        # pgguard's own query (setting the prompt id) must not wait for a reply that never
+        # comes: the statement runs, and its trigger sees the prompt id.
+        result = raw.query(
+            "/* prompt_id='after-copy' */ insert into public.copy_log(note) values ('x')"
+        )
+        assert result.error is None, result.error
+        result = raw.query("select note, prompt from public.copy_log order by id")
+    assert [(note, prompt or b"") for note, prompt in result.rows[0]] == [
+        (b"one", b""),
+        (b"two", b""),
+        (b"x", b"after-copy"),
+    ]
+    # Each statement's record holds its own outcome (none is pushed to a later ReadyForQuery).
+    recorded = [
+        (r.statement, r.command, r.rows, r.extra.get("executed", True))
+        for r in statements(gw, "copier")
+    ]
+    assert recorded == [
+        ("COPY public.copy_log (note) FROM STDIN", "COPY", 2, True),
+        (
+            "/* prompt_id='after-copy' */ insert into public.copy_log(note) values ('x')",
+            "INSERT",
+            1,
+            True,
+        ),
+        ("select note, prompt from public.copy_log order by id", "SELECT", 3, True),
+    ]

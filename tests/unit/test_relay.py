@@ -461,3 +461,94 @@ def test_counting_skips_replies_already_due_when_it_starts() -> None:
     core.from_client(m.Query("select 2").encode())
     core.from_server(_select_reply(1) + _select_reply(1))
     assert counted == [[(b"select 2", None)]]
+
+
+# --------------------------------------------------------------------------- COPY FROM STDIN
+
+
+def _message(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + (4 + len(body)).to_bytes(4, "big") + body
+
+
+COPY_IN = _message(b"G", b"\x00\x00\x00")  # text format, no columns
+COPY_DATA = _message(b"d", b"1\tone\n")
+COPY_DONE = _message(b"c")
+COPY_FAIL = _message(b"f", b"stop!\x00")
+
+
+def _extended_copy(sync_with_execute: bool) -> bytes:
+    """A COPY FROM STDIN as libpq's PQexecParams sends it (a Sync with the Execute) or as
+    drivers that wait for the CopyInResponse first do."""
+    return (
+        m.Parse("", "copy t from stdin", ()).encode()
+        + m.Bind("", "", (), (), ()).encode()
+        + m.Execute("", 0).encode()
+        + (m.Sync().encode() if sync_with_execute else m.Flush().encode())
+    )
+
+
+@pytest.mark.parametrize("sync_with_execute", [True, False])
+@pytest.mark.parametrize("end", [COPY_DONE, COPY_FAIL], ids=["CopyDone", "CopyFail"])
+def test_syncs_a_copy_in_server_ignores_are_not_waited_for(
+    sync_with_execute: bool, end: bytes
+) -> None:
+    """The server ignores a Sync it gets in copy-in mode: only the Sync after CopyDone (or
+    CopyFail) gets a ReadyForQuery, so pgguard's own queries must not wait for another."""
+    core = RelayCore(LIMIT)
+    runs: list[object] = []
+    tracker = StatementTracker(lambda: 0.0)
+    core.track_statements(tracker, runs.extend)
+    got: list[object] = []
+    core.from_client(_extended_copy(sync_with_execute))
+    core.from_server(m.ParseComplete().encode() + m.BindComplete().encode() + COPY_IN)
+    core.from_client(COPY_DATA + end + m.Sync().encode())
+    assert core.pending == 1
+    core.internal_query("select 1", lambda rows, err: got.append(rows))
+    if end == COPY_DONE:
+        tail = m.CommandComplete("COPY 1").encode()
+    else:
+        tail = m.ErrorResponse(m.error_fields("ERROR", "57014", "COPY from stdin failed")).encode()
+    assert core.from_server(tail + READY) == tail + READY
+    assert core.pending == 0
+    assert core.server_out == [m.Query("select 1").encode()]  # pgguard's own query runs now
+    assert [(r.statement, r.command_tag, r.executed) for r in runs] == [  # type: ignore[attr-defined]
+        ("copy t from stdin", "COPY 1" if end == COPY_DONE else None, True)
+    ]
+    # The next statement's outcome is its own (the batches stay in step).
+    core.server_out.clear()
+    core.from_server(m.CommandComplete("SELECT 1").encode() + READY)
+    core.from_client(m.Query("select 2").encode())
+    core.from_server(_select_reply(2))
+    assert [r.statement for r in runs][-1] == "select 2"  # type: ignore[attr-defined]
+    assert runs[-1].executed and runs[-1].command_tag == "SELECT 2"  # type: ignore[attr-defined]
+
+
+def test_a_copy_that_never_started_keeps_its_sync() -> None:
+    """An error at the COPY's Execute: no copy-in mode, so the Sync sent with it counts
+    (a stray CopyDone after it, which the server drops, changes nothing)."""
+    core = RelayCore(LIMIT)
+    core.from_client(_extended_copy(True))
+    error = m.ErrorResponse(m.error_fields("ERROR", "42P01", 'relation "t" does not exist'))
+    core.from_client(COPY_DONE)
+    assert core.pending == 1
+    core.from_server(m.ParseComplete().encode() + error.encode() + READY)
+    assert core.pending == 0
+
+
+def test_a_simple_query_copy_is_counted_once() -> None:
+    core = RelayCore(LIMIT)
+    core.from_client(m.Query("copy t from stdin").encode())
+    core.from_server(COPY_IN)
+    core.from_client(COPY_DATA + COPY_DONE)
+    assert core.pending == 1
+    core.from_server(m.CommandComplete("COPY 1").encode() + READY)
+    assert core.pending == 0 and core.idle()
+
+
+def test_counting_a_copy_charges_its_statement_to_the_sync_that_ends_it() -> None:
+    core, counted = _counting()
+    core.from_client(_extended_copy(True))
+    core.from_server(m.ParseComplete().encode() + m.BindComplete().encode() + COPY_IN)
+    core.from_client(COPY_DATA + COPY_DONE + m.Sync().encode())
+    core.from_server(m.CommandComplete("COPY 1").encode() + READY)
+    assert [noted for noted, _ in counted] == [[(b"copy t from stdin", None)]]
