@@ -1471,7 +1471,13 @@ class Gateway:
             side.close()
             return
         self.stats["connections"] += 1
-        session = Session(self, side)
+        try:
+            session = Session(self, side)
+        except Exception:  # a bug: the client gets an error rather than a silent socket
+            log.exception("session could not start")
+            side.write(fatal_bytes("XX000", "pgguard: internal error"))
+            side.close()
+            return
         self.sessions.add(session)
         try:
             await session.run()
