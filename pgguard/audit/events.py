@@ -14,6 +14,7 @@ from pgguard.audit.text import (
     prompt_id_from_comment,
     redact_literals,
     redact_secrets,
+    scrub_error,
 )
 from pgguard.identity import Identity
 from pgguard.policy.facts import StatementFacts
@@ -211,14 +212,16 @@ def statement_record(
         # Data exceptions quote the offending input: 'invalid input syntax for type
         # integer: "abc"'.
         error = _QUOTED.sub('"?"', error)
-    if error and decision != "deny":
-        extra["error"] = error[:500]
     sql = run.statement
     shape = literal_free(sql)
     if shape is None:  # plain texts hold no string, so no secret
         sql = redact_secrets(sql) if redactions is None else redactions(sql)
     if options.redact_literals:
         sql = redact_literals(sql)
+    if error and sql is not run.statement:
+        error = scrub_error(error, run.statement, sql)  # it may quote what was redacted
+    if error and decision != "deny":
+        extra["error"] = error[:500]
     recorded = run.preview
     if isinstance(recorded, RawPreview):  # as the relay kept it: decoded here
         recorded = recorded.decoded()

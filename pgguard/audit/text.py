@@ -16,6 +16,7 @@ quoted identifiers and dollar-quoted strings are told apart exactly as the serve
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import re
 import unicodedata
@@ -348,23 +349,48 @@ def _edits_from_tree(sql: str, tree: Any, tokens: list[_Tok], depth: int) -> lis
 def _edits_from_tokens(sql: str, tokens: list[_Tok]) -> list[_Edit]:
     """Conservative redaction for a statement that does not parse."""
     edits: list[_Edit] = []
-    significant = [tok for tok in tokens if tok.name not in _COMMENT_TOKENS]
-    for index, tok in enumerate(significant):
+    # Which string the user meant as the secret cannot be told from broken text: every
+    # string after a secret-looking word is redacted (``PASSWORD 'a' 'b'``).
+    after_secret = False
+    for tok in tokens:
+        if tok.name in _COMMENT_TOKENS:
+            continue
         is_string = tok.name in _STRING_TOKENS or (
             tok.name == _UNTERMINATED and sql[tok.start] not in '"/-'
         )
         if not is_string:
+            if _SECRET_OPTION.search(sql[tok.start : tok.end].strip('"')):
+                after_secret = True
             continue
-        previous = significant[index - 1] if index else None
-        if (
-            previous is not None
-            and previous.name not in _STRING_TOKENS
-            and _SECRET_OPTION.search(sql[previous.start : previous.end].strip('"'))
-        ):
+        if after_secret:
             edits.append((tok.start, tok.end, "'" + REDACTED + "'"))
         elif tok.name in _STRING_TOKENS:
             _redact_literal(sql, tok, _redact_conninfo, edits)
     return edits
+
+
+_NEAR = re.compile(r'(at or near )"(?:[^"]|"")*"')
+
+
+def scrub_error(message: str, statement: str, recorded: str) -> str:
+    """A server or parser error ``message`` about ``statement``, made safe to keep beside its
+    ``recorded`` text (``statement`` with secrets, or every literal, redacted): what the
+    redaction took out of the statement is taken out of the message too, and the text an
+    error points at ("at or near ...") goes. ``message`` itself when nothing was redacted."""
+    if recorded == statement or not message:
+        return message
+    removed = [
+        statement[i1:i2]
+        for op, i1, i2, _, _ in difflib.SequenceMatcher(
+            None, statement, recorded, autojunk=False
+        ).get_opcodes()
+        if op in ("replace", "delete")
+    ]
+    for fragment in sorted(removed, key=len, reverse=True):
+        for piece in {fragment, fragment.strip("'\"$ ")}:
+            if len(piece) >= 3:
+                message = message.replace(piece, REDACTED)
+    return _NEAR.sub(r'\1"' + REDACTED + '"', message)
 
 
 def _redact_dblink_arg(value: str, depth: int) -> str:

@@ -4,6 +4,8 @@ loop (run in a thread over a socket pair, writing to a real SQLite store)."""
 
 from __future__ import annotations
 
+import json
+
 import pickle
 import socket
 import threading
@@ -432,3 +434,15 @@ def test_redacted_literals_stay_out_of_data_errors() -> None:
     hidden = RecordBuilder(RecordOptions(redact_literals=True)).statement("s", run, nothing, None)
     assert hidden.extra["error"] == 'invalid input syntax for type integer: "?"'
     assert hidden.statement == "select ?::int"
+
+
+def test_secrets_stay_out_of_errors_and_previews() -> None:
+    # pgguard's parser (or the server) quotes the broken statement: the secret with it.
+    message = 'pgguard: parser: unterminated quoted string at or near "\'leak4"'
+    run = StatementRun("simple", "CREATE ROLE r3 PASSWORD 'leak4", 1.0).finished(
+        1.1, sqlstate="42601", error=message
+    )
+    nothing: tuple[Any, ...] = (None, (), None, ())
+    record = RecordBuilder().statement("s", run, nothing, None)
+    assert record.statement == "CREATE ROLE r3 PASSWORD '***'"
+    assert "leak4" not in json.dumps(record.to_json())

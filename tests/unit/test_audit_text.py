@@ -17,6 +17,7 @@ from pgguard.audit.text import (
     prompt_id_from_comment,
     redact_literals,
     redact_secrets,
+    scrub_error,
     statement_texts,
 )
 
@@ -481,3 +482,31 @@ def test_statement_texts_never_raises(sql: str) -> None:
     for text in statement_texts(sql):
         assert text and text == text.strip()
         assert text in sql
+
+
+def test_redact_secrets_every_string_after_a_secret_word_in_broken_text() -> None:
+    # Which of the strings the user meant as the password cannot be told: all go.
+    assert (
+        redact_secrets("CREATE ROLE r1 PASSWORD 'leak1' 'leak2'")
+        == "CREATE ROLE r1 PASSWORD '***' '***'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("CREATE ROLE r3 PASSWORD 'leak4", 'unterminated quoted string at or near "\'leak4"'),
+        ("CREATE ROLE r1 PASSWORD 'leak1' 'leak2'", "syntax error at or near \"'leak2'\""),
+        ("ALTER ROLE r PASSWORD 'hunter22' VALID UNTIL 'x'", 'invalid value "hunter22x"'),
+    ],
+)
+def test_errors_lose_what_the_statement_lost(statement: str, message: str) -> None:
+    scrubbed = scrub_error(message, statement, redact_secrets(statement))
+    for secret in ("leak1", "leak2", "leak4", "hunter22"):
+        assert secret not in scrubbed
+    assert "***" in scrubbed
+
+
+def test_errors_of_statements_without_secrets_are_kept() -> None:
+    message = 'syntax error at or near "selec"'
+    assert scrub_error(message, "selec 1", "selec 1") is message
