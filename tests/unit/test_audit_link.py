@@ -5,7 +5,6 @@ loop (run in a thread over a socket pair, writing to a real SQLite store)."""
 from __future__ import annotations
 
 import json
-
 import pickle
 import socket
 import threading
