@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from pgguard.audit.records import DECISIONS, EVENTS, format_ts
 from pgguard.config import ConfigError, Settings, default_config_path, load_settings, parse_duration
+
+if TYPE_CHECKING:
+    from pgguard.audit.store import SqlStore
 
 
 def _load(config: Path | None) -> Settings:
@@ -289,39 +295,141 @@ def audit() -> None:
     """Search, follow and verify the audit trail."""
 
 
-def _audit_store(config: Path | None) -> Any:
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """A one-line error on stderr and exit status ``code`` (2: usage or configuration)."""
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def _one_line(text: str, password: str | None) -> str:
+    """A driver's (possibly multi-line) message on one line, never showing ``password``."""
+    line = " ".join(text.split())
+    if password:
+        line = line.replace(password, "***")
+    return line
+
+
+def _db_error(safe: str, exc: Any, password: str | None) -> str:
+    """A database error as one line: the driver's message, the URL without password."""
+    detail = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc)
+    return f"cannot read the audit store: audit store {safe}: {_one_line(detail, password)}"
+
+
+def _checked_read_url(url: str) -> tuple[str, str | None]:
+    """``(url with its password hidden, the password)`` of an audit store URL that a
+    read-only command can open; exits with a one-line error otherwise. A SQLite file must
+    already exist: opening it would create an empty one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        # Not parsed, so where a password would be is unknown: the value is not shown.
+        _fail(
+            "cannot read the audit store: audit.url is not a database URL (expected "
+            "sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE)"
+        )
+    safe = u.render_as_string(hide_password=True)
+    password = str(u.password) if u.password else None
+    backend = u.get_backend_name()
+    if backend not in ("sqlite", "postgresql", "postgres"):
+        _fail(
+            f"cannot read the audit store: audit store {safe}: unsupported database "
+            f"{backend!r} (use sqlite:///PATH or postgresql+psycopg://…)"
+        )
+    uri = str(u.query.get("uri", "")).lower() in ("1", "true")
+    if backend == "sqlite" and u.database not in (None, "", ":memory:") and not uri:
+        path = Path(u.database or "")
+        if not path.exists():
+            _fail(
+                f"cannot read the audit store: audit store {safe}: no such file {path} "
+                f"(pgguard serve creates it)"
+            )
+        if path.is_dir():
+            _fail(f"cannot read the audit store: audit store {safe}: {path} is a directory")
+    return safe, password
+
+
+@contextlib.contextmanager
+def _reading_store(config: Path | None) -> Iterator[SqlStore]:
+    """The configured audit store, opened for reading (never created or migrated), and
+    closed afterwards. A store that cannot be used, when opened or while it is read, ends
+    the command with a one-line error (password hidden) and exit status 2."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
     from pgguard.audit.store import SqlStore, StoreError
 
     settings = _load(config)
     if not settings.audit.url:
-        click.echo("audit.url is not configured: nothing to read", err=True)
-        sys.exit(2)
+        _fail("audit.url is not configured: nothing to read")
+    safe, password = _checked_read_url(settings.audit.url)
     try:
-        return SqlStore(settings.audit.url, migrate=False)
+        store = SqlStore(settings.audit.url, migrate=False)
     except StoreError as exc:
-        click.echo(f"cannot read the audit store: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"cannot read the audit store: {_one_line(str(exc), password)}")
+    except ImportError as exc:
+        _fail(
+            f"cannot read the audit store: audit store {safe}: its database driver is not "
+            f"installed ({exc.name or exc})"
+        )
+    except ArgumentError as exc:  # e.g. an unknown driver name
+        _fail(f"cannot read the audit store: audit store {safe}: {_one_line(str(exc), password)}")
+    except DBAPIError as exc:
+        _fail(_db_error(safe, exc, password))
+    try:
+        with store:
+            yield store
+    except DBAPIError as exc:
+        _fail(_db_error(safe, exc, password))
+
+
+def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """A ``--since`` / ``--until`` value (a duration back from now, or an ISO timestamp) as
+    epoch seconds; every command parses them here, with the same usage error."""
+    from pgguard.audit.query import parse_time
+
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+_TIME_HELP = "A duration back from now (1h, 30m) or an ISO timestamp."
+
+
+def _check_range(since: float | None, until: float | None) -> None:
+    if since is not None and until is not None and since > until:
+        raise click.UsageError(
+            f"--since ({format_ts(since)}) is later than --until ({format_ts(until)})"
+        )
+
+
+def _more_note(more: bool, as_json: bool) -> None:
+    """With --json, "there is more" goes to stderr (stdout stays JSON lines)."""
+    if more and as_json:
+        click.echo("more records match: use --limit to see them", err=True)
 
 
 @audit.command("search")
 @config_option
 @click.option("--user", default=None)
 @click.option("--prompt-id", default=None)
-@click.option("--since", default=None, help="A duration (1h, 30m) or an ISO timestamp.")
-@click.option("--until", default=None)
-@click.option("--decision", default=None, help="allow, deny, approved, audit_only, …")
+@click.option("--since", default=None, callback=_time_option, help=_TIME_HELP)
+@click.option("--until", default=None, callback=_time_option, help=_TIME_HELP + " Exclusive.")
+@click.option("--decision", type=click.Choice(DECISIONS, case_sensitive=False), default=None)
 @click.option("--table", default=None, help="schema.table the statement touched.")
 @click.option("--fingerprint", default=None)
 @click.option("--session", "session_id", default=None)
-@click.option("--event", default=None, help="statement, session_start, auth_failure, …")
-@click.option("--limit", type=int, default=100)
+@click.option("--event", type=click.Choice(EVENTS, case_sensitive=False), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def audit_search(
     config: Path | None,
     user: str | None,
     prompt_id: str | None,
-    since: str | None,
-    until: str | None,
+    since: float | None,
+    until: float | None,
     decision: str | None,
     table: str | None,
     fingerprint: str | None,
@@ -330,12 +438,12 @@ def audit_search(
     limit: int,
     as_json: bool,
 ) -> None:
-    """Find audit records."""
-    from pgguard.audit.query import search_store, search_text
+    """Find audit records (the newest --limit of those that match, oldest first)."""
+    from pgguard.audit.query import search_page, search_text
 
-    store = _audit_store(config)
-    try:
-        records = search_store(
+    _check_range(since, until)
+    with _reading_store(config) as store:
+        records, more = search_page(
             store,
             since=since,
             until=until,
@@ -348,48 +456,59 @@ def audit_search(
             event=event,
             limit=limit,
         )
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    click.echo(search_text(records, as_json), nl=False)
+    click.echo(search_text(records, as_json, more=more), nl=False)
+    _more_note(more, as_json)
 
 
 @audit.command("tail")
 @config_option
-@click.option("--last", type=int, default=10, help="Records to show before following.")
+@click.option(
+    "--last", type=click.IntRange(min=0), default=10, help="Records to show before following."
+)
 @click.option("--no-follow", is_flag=True, help="Print the last records and stop.")
 @click.option("--json", "as_json", is_flag=True)
 def audit_tail(config: Path | None, last: int, no_follow: bool, as_json: bool) -> None:
     """Print the newest records, then follow new ones."""
     from pgguard.audit.query import json_line, tail, terminal_text
-    from pgguard.audit.records import format_ts
 
-    store = _audit_store(config)
-    try:
-        for r in tail(store, follow=not no_follow, last=last):
-            if as_json:
-                click.echo(json_line(r))
-                continue
-            what = r.statement if r.event == "statement" else f"({r.event})"
-            click.echo(
-                f"{format_ts(r.ts)}  {terminal_text(r.user, limit=16):<16} "
-                f"{terminal_text(r.decision or '', limit=14):<14} "
-                f"{terminal_text(r.rule or '', limit=20):<20} {terminal_text(what, limit=120)}"
-            )
-    except KeyboardInterrupt:
-        pass
+    with _reading_store(config) as store:
+        try:
+            for r in tail(store, follow=not no_follow, last=last):
+                if as_json:
+                    click.echo(json_line(r))
+                    continue
+                what = r.statement if r.event == "statement" else f"({r.event})"
+                click.echo(
+                    f"{format_ts(r.ts)}  {terminal_text(r.user, limit=16):<16} "
+                    f"{terminal_text(r.decision or '', limit=14):<14} "
+                    f"{terminal_text(r.rule or '', limit=20):<20} "
+                    f"{terminal_text(what, limit=120)}"
+                )
+        except KeyboardInterrupt:
+            pass
 
 
 @audit.command("verify")
 @config_option
-@click.option("--jsonl", "jsonl", default=None, help="Verify this JSON-lines file instead.")
+@click.option(
+    "--jsonl",
+    "jsonl",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    default=None,
+    help="Verify this JSON-lines file instead.",
+)
 def audit_verify(config: Path | None, jsonl: str | None) -> None:
     """Check the hash chains: report the first edited, deleted, inserted or reordered record."""
     from pgguard.audit.query import verify_jsonl, verify_store
 
     if jsonl:
-        ok, report = verify_jsonl(jsonl)
+        try:
+            ok, report = verify_jsonl(jsonl)
+        except OSError as exc:
+            _fail(f"cannot read {click.format_filename(jsonl)}: {exc.strerror or exc}")
     else:
-        ok, report = verify_store(_audit_store(config))
+        with _reading_store(config) as store:
+            ok, report = verify_store(store)
     click.echo(report, nl=False)
     sys.exit(0 if ok else 1)
 
@@ -402,24 +521,25 @@ def sessions() -> None:
 @sessions.command("list")
 @config_option
 @click.option("--user", default=None)
-@click.option("--since", default=None, help="A duration (1h, 30m) or an ISO timestamp.")
-@click.option("--limit", type=int, default=50)
+@click.option("--since", default=None, callback=_time_option, help=_TIME_HELP)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def sessions_list(
-    config: Path | None, user: str | None, since: str | None, limit: int, as_json: bool
+    config: Path | None, user: str | None, since: float | None, limit: int, as_json: bool
 ) -> None:
     """List recorded sessions, newest first."""
-    from pgguard.audit.query import json_line, search_store
+    from pgguard.audit.query import json_line, search_page
     from pgguard.audit.sessions import session_rows
 
-    store = _audit_store(config)
-    starts = search_store(
-        store, since=since, user=user, event="session_start", limit=limit, order="desc"
-    )
+    with _reading_store(config) as store:
+        starts, more = search_page(
+            store, since=since, user=user, event="session_start", limit=limit, order="desc"
+        )
     if as_json:
         click.echo("".join(json_line(r) + "\n" for r in starts), nl=False)
     else:
-        click.echo(session_rows(starts), nl=False)
+        click.echo(session_rows(starts, more=more), nl=False)
+    _more_note(more, as_json)
 
 
 @sessions.command("show")
@@ -429,8 +549,8 @@ def sessions_show(config: Path | None, session_id: str) -> None:
     """Replay a session as a psql-like transcript."""
     from pgguard.audit.sessions import transcript
 
-    store = _audit_store(config)
-    records = store.search(session_id=session_id, order="asc")
+    with _reading_store(config) as store:
+        records = store.search(session_id=session_id, order="asc")
     if not records:
         click.echo(f"no session {session_id!r} in the audit trail", err=True)
         sys.exit(1)

@@ -80,6 +80,26 @@ def search_store(
     return store.search(since=lo, until=hi, **filters)  # type: ignore[arg-type]
 
 
+def search_page(
+    store: SqlStore, *, limit: int, **filters: object
+) -> tuple[list[AuditRecord], bool]:
+    """:func:`search_store` with a ``limit`` (at least 1), and whether more records match:
+    one record more than ``limit`` is read to know it."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    records = search_store(store, limit=limit + 1, **filters)  # type: ignore[arg-type]
+    if len(records) <= limit:
+        return records, False
+    if "order" in filters:
+        return records[:limit], True  # the extra one is the last of that order
+    return records[1:], True  # the newest kept, oldest first: the extra one is the oldest
+
+
+def more_note(shown: int, noun: str = "record") -> str:
+    """The footer of a listing cut by its limit."""
+    return f"({shown} {noun}{'s' if shown != 1 else ''}; more match: use --limit)"
+
+
 # -- output --------------------------------------------------------------------------------
 
 
@@ -89,12 +109,17 @@ def json_line(record: AuditRecord) -> str:
 
 
 def search_text(
-    records: Iterable[AuditRecord], as_json: bool = False, *, width: int | None = None
+    records: Iterable[AuditRecord],
+    as_json: bool = False,
+    *,
+    width: int | None = None,
+    more: bool = False,
 ) -> str:
-    """The output of ``audit search``: a table, or one JSON object per line."""
+    """The output of ``audit search``: a table, or one JSON object per line. ``more``: the
+    limit cut the list (the table's footer says so; JSON lines stay records only)."""
     if as_json:
         return "".join(json_line(r) + "\n" for r in records)
-    return render_table(list(records), width=width)
+    return render_table(list(records), width=width, more=more)
 
 
 def terminal_text(value: object, *, limit: int | None = None) -> str:
@@ -147,7 +172,9 @@ def _statement_cell(r: AuditRecord) -> object:
     return None
 
 
-def render_table(records: Sequence[AuditRecord], *, width: int | None = None) -> str:
+def render_table(
+    records: Sequence[AuditRecord], *, width: int | None = None, more: bool = False
+) -> str:
     """A psql-like table of records; the statement column takes the rest of the width."""
     if width is None:
         width = shutil.get_terminal_size((140, 24)).columns
@@ -175,7 +202,7 @@ def render_table(records: Sequence[AuditRecord], *, width: int | None = None) ->
     out.append("-" + "-+-".join("-" * w for w in widths) + "-")
     out.extend(line(row) for row in rows)
     n = len(records)
-    out.append(f"({n} record{'s' if n != 1 else ''})")
+    out.append(more_note(n) if more else f"({n} record{'s' if n != 1 else ''})")
     return "\n".join(out) + "\n"
 
 
