@@ -78,7 +78,15 @@ CONNECTION_RESULTS: Final[tuple[str, ...]] = (
 #: ``pgguard_auth_failures_total{reason}``: ``TokenError.reason`` values, then the gateway's own.
 AUTH_FAILURE_REASONS: Final[tuple[str, ...]] = tuple(
     dict.fromkeys(
-        (*TOKEN_ERROR_REASONS, "tls_required", "user_mismatch", "database", "too_large", "other")
+        (
+            *TOKEN_ERROR_REASONS,
+            "tls_required",
+            "user_mismatch",
+            "database",
+            "too_large",
+            "startup_refused",
+            "other",
+        )
     )
 )
 

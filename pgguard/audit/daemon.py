@@ -168,10 +168,10 @@ class Daemon:
         """Act on one message; a CLOSE returns its timeout."""
         kind = message[0]
         if kind == link.STATEMENT:
-            _, ticket, session_id, run, described, approval_id = message
+            _, ticket, session_id, run, described, approval = message
             try:
                 record = self.builder.statement(
-                    session_id, link.run_from_wire(run), described, approval_id
+                    session_id, link.run_from_wire(run), described, approval
                 )
             except Exception as exc:  # a producer bug: say so, never hang the statement
                 log.exception("audit: cannot build a statement record")

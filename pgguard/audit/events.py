@@ -5,6 +5,11 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, replace
+from typing import cast
+
+from pglast import parse_sql
+from pglast.enums.parsenodes import TransactionStmtKind
+from pglast.parser import ParseError
 
 from pgguard.audit.recording import RawPreview
 from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PlainExtra, PromptSource
@@ -12,6 +17,7 @@ from pgguard.audit.text import (
     encode_params,
     fingerprint,
     prompt_id_from_comment,
+    prompt_setting,
     redact_literals,
     redact_secrets,
     scrub_error,
@@ -21,13 +27,7 @@ from pgguard.policy.facts import StatementFacts
 from pgguard.policy.guard import literal_free
 from pgguard.protocol.statements import StatementRun
 
-_REFUSAL = re.compile(r"^pgguard: ([^:]+): ")
-_SET_PROMPT = re.compile(
-    r"^\s*set\s+(?:session\s+|local\s+)?pgguard\.prompt_id\s*(?:=|to)\s*'((?:[^']|'')*)'\s*;?\s*$",
-    re.IGNORECASE,
-)
 _QUOTED = re.compile(r'"(?:[^"]|"")*"')
-_RESET_PROMPT = re.compile(r"^\s*reset\s+pgguard\.prompt_id\s*;?\s*$", re.IGNORECASE)
 
 
 @dataclass
@@ -43,8 +43,13 @@ class SessionContext:
     identity: Identity | None = None
     user: str | None = None  # the startup user, before (or without) a valid token
     startup_prompt_id: str | None = None
-    set_prompt_id: str | None = None
+    set_prompt_id: str | None = None  # by SET (or set_config) for the session
     refused_batch: tuple[int, str] | None = None  # (batch, rule) of the last refusal
+    # The transaction block (BEGIN … COMMIT/ROLLBACK): the session's SET value when it began
+    # (a ROLLBACK restores it), and a SET LOCAL value for the rest of it ((None,): the default).
+    in_block: bool = False
+    block_prompt_id: str | None = None
+    local_prompt_id: tuple[str | None] | None = None
 
     def decision(
         self, run: StatementRun, audit_only: tuple[str, ...] = ()
@@ -53,8 +58,8 @@ class SessionContext:
         (the rest of a refused multi-statement Query, which runs as a unit) ``deny`` with
         the same rule: pgguard, not the server, stopped them."""
         decision, rule = statement_decision(run, audit_only)
-        if decision == "deny" and rule is not None:
-            self.refused_batch = (run.batch, rule)
+        if run.refused is not None:
+            self.refused_batch = (run.batch, run.refused[0])
         elif not run.executed and self.refused_batch is not None:
             batch, refused_rule = self.refused_batch
             if batch == run.batch:
@@ -85,7 +90,10 @@ class SessionContext:
         from_comment = prompt_id_from_comment(statement)
         if from_comment:
             return from_comment, "comment"
-        if self.set_prompt_id:
+        local = self.local_prompt_id
+        if local is not None and local[0]:
+            return local[0], "set"
+        if self.set_prompt_id and local is None:
             return self.set_prompt_id, "set"
         if self.startup_prompt_id:
             return self.startup_prompt_id, "startup"
@@ -94,27 +102,63 @@ class SessionContext:
         return None, None
 
     def note_statement(self, run: StatementRun) -> None:
-        """Follow ``SET pgguard.prompt_id`` (once it has succeeded)."""
+        """Follow what a statement that ran did to ``pgguard.prompt_id``: SET (LOCAL), RESET,
+        set_config, RESET ALL, DISCARD ALL, and the transaction block around them (a
+        ROLLBACK undoes a SET made in the block; LOCAL ends with the block). ROLLBACK TO
+        SAVEPOINT keeps the value as it is (the savepoint's is not followed)."""
         if run.sqlstate is not None or not run.executed:
+            return  # did nothing (an aborted block is undone by its ROLLBACK)
+        tag = run.command_tag
+        if tag in _BLOCK_START:
+            if not self.in_block:
+                self.in_block, self.block_prompt_id = True, self.set_prompt_id
             return
-        if "prompt_id" not in run.statement:
+        if tag in _BLOCK_END:  # COMMIT of a failed block says ROLLBACK
+            if tag != "ROLLBACK" or not _rolls_back_to_savepoint(run.statement):
+                if tag == "ROLLBACK" and self.in_block:
+                    self.set_prompt_id = self.block_prompt_id
+                self.in_block, self.local_prompt_id = False, None
             return
-        match = _SET_PROMPT.match(run.statement)
-        if match:
-            self.set_prompt_id = match.group(1).replace("''", "'")[:256] or None
-        elif _RESET_PROMPT.match(run.statement):
-            self.set_prompt_id = None
+        effect = prompt_setting(run.statement)
+        if effect is None:
+            return
+        kind, value, local = effect
+        if kind == "unknown":
+            value = None  # not known from the text: the next source says
+        if local:
+            if self.in_block:  # outside one, SET LOCAL does nothing
+                self.local_prompt_id = (value if kind == "set" else None,)
+            return
+        self.set_prompt_id = value
+        self.local_prompt_id = None  # a session-level SET overrides a LOCAL one
+
+
+_BLOCK_START = frozenset(("BEGIN", "START TRANSACTION"))
+_BLOCK_END = frozenset(("COMMIT", "ROLLBACK", "PREPARE TRANSACTION"))
+
+
+def _rolls_back_to_savepoint(sql: str) -> bool:
+    if " to " not in sql.lower().replace("\n", " ").replace("\t", " "):
+        return False
+    try:
+        stmts = parse_sql(sql)
+    except ParseError:
+        return True  # unsure: keep the value as it is
+    return any(
+        getattr(s.stmt, "kind", None) == TransactionStmtKind.TRANS_STMT_ROLLBACK_TO for s in stmts
+    )
 
 
 def statement_decision(
     run: StatementRun, audit_only: tuple[str, ...] = ()
 ) -> tuple[DecisionKind, str | None]:
-    """The decision and rule a statement's record carries: ``deny`` when pgguard refused it
-    (its 42501 names the rule), ``audit_only`` when such a rule matched, else ``allow``."""
-    if run.sqlstate == "42501" and run.error:
-        refused = _REFUSAL.match(run.error)
-        if refused:
-            return "deny", refused.group(1)
+    """The decision and rule a statement's record carries: how pgguard refused it (``deny``,
+    or ``approval_denied`` / ``approval_expired``; the relay marks the runs it refused, so no
+    error text can pass for a refusal), ``audit_only`` when such a rule matched, else
+    ``allow``."""
+    if run.refused is not None:
+        rule, decision, _ = run.refused
+        return cast(DecisionKind, decision), rule
     if audit_only:
         return "audit_only", audit_only[0]
     return "allow", None
@@ -192,18 +236,22 @@ def statement_record(
     objects: tuple[str, ...] = (),
     command: str | None = None,
     audit_only: tuple[str, ...] = (),
-    approval_id: str | None = None,
+    approval: tuple[str, str] | None = None,
     options: RecordOptions = RecordOptions(),
     fingerprints: Fingerprints | None = None,
     redactions: Redactions | None = None,
 ) -> AuditRecord:
     """The record of one statement run. ``statement_class``, ``objects`` and ``command``
-    come from the guard's analysis (when there is one); ``approval_id`` is the approval the
-    statement ran under."""
+    come from the guard's analysis (when there is one); ``approval`` is the approval the
+    statement ran under: (request id, the rule that asked for it)."""
     prompt_id, source = ctx.prompt(run.statement)
     decision, rule = ctx.decision(run, audit_only)
-    if approval_id is not None and decision == "allow":
+    approval_id = None
+    if approval is not None and decision == "allow":
+        approval_id, rule = approval
         decision = "approved"
+    elif run.refused is not None:
+        approval_id = run.refused[2]
     extra = PlainExtra()  # str keys, JSON values: see its docstring
     if not run.executed:
         extra["executed"] = False
@@ -220,8 +268,8 @@ def statement_record(
         sql = redact_literals(sql)
     if error and sql is not run.statement:
         error = scrub_error(error, run.statement, sql)  # it may quote what was redacted
-    if error and decision != "deny":
-        extra["error"] = error[:500]
+    if error:
+        extra["error"] = error[:500]  # a refusal's too: the message the client got
     recorded = run.preview
     if isinstance(recorded, RawPreview):  # as the relay kept it: decoded here
         recorded = recorded.decoded()
@@ -303,7 +351,7 @@ class RecordBuilder:
         session_id: str,
         run: StatementRun,
         described: tuple[str | None, tuple[str, ...], str | None, tuple[str, ...]],
-        approval_id: str | None,
+        approval: tuple[str, str] | None,
     ) -> AuditRecord:
         """``described`` = ``(statement_class, objects, command, audit_only)``."""
         ctx = self.sessions.get(session_id)
@@ -318,7 +366,7 @@ class RecordBuilder:
             objects=objects,
             command=command,
             audit_only=audit_only,
-            approval_id=approval_id,
+            approval=approval,
             options=self.options,
             fingerprints=self.fingerprints,
             redactions=self.redactions,

@@ -9,9 +9,10 @@ here, so both ends agree on one definition.
 
 Gateway → writer: ``(CONFIG, WriterConfig)`` first, then ``(RECORD, ticket, AuditRecord)``,
 ``(SESSION, wire SessionContext)``, ``(STATEMENT, ticket, session_id, wire StatementRun,
-described, approval_id)``, ``(FORGET, session_id)`` and ``(CLOSE, timeout)``. Ticket 0 asks
-for no answer; any other ticket is answered exactly once, by ``(DURABLE, [tickets])`` once
-its record is committed in every store, or ``(FAILED, [tickets], message)``.
+described, approval)`` (approval: None, or the request id and rule it ran under),
+``(FORGET, session_id)`` and ``(CLOSE, timeout)``. Ticket 0 asks for no answer; any other
+ticket is answered exactly once, by ``(DURABLE, [tickets])`` once its record is committed in
+every store, or ``(FAILED, [tickets], message)``.
 Writer → gateway also: ``(STATUS, wire WriterStatus)`` whenever it changes, and
 ``(CLOSED, WriterStatus)`` as its last word.
 """

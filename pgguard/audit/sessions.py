@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pgguard.audit.query import terminal_text
+from pgguard.audit.query import more_note, terminal_text
 from pgguard.audit.recording import RecordedError, RecordedStatement, render_transcript
 from pgguard.audit.records import AuditRecord, format_ts
 
@@ -28,11 +28,13 @@ def entry_of(record: AuditRecord) -> RecordedStatement:
     error = None
     if record.sqlstate:
         message = record.extra.get("error") if record.extra else None
-        if record.decision == "deny" and record.rule:
-            message = f"pgguard: {record.rule}: refused"
+        if not message and record.rule and record.decision not in ("allow", "audit_only"):
+            message = f"pgguard: {record.rule}: refused"  # recorded before messages were kept
         error = RecordedError(record.sqlstate, str(message or record.sqlstate))
     tag = None
-    if error is None and record.command:
+    if error is None and record.extra.get("executed") is False:
+        tag = "(not run: the request failed or was refused before it)"
+    elif error is None and record.command:
         tag = record.command + (f" {record.rows}" if record.rows is not None else "")
     return RecordedStatement(statement=record.statement or "", command_tag=tag, error=error)
 
@@ -60,8 +62,8 @@ def transcript(records: Sequence[AuditRecord]) -> str:
     return render_transcript(entries, meta)
 
 
-def session_rows(starts: Sequence[AuditRecord]) -> str:
-    """`sessions list`: one line per session start."""
+def session_rows(starts: Sequence[AuditRecord], *, more: bool = False) -> str:
+    """`sessions list`: one line per session start. ``more``: the limit cut the list."""
     header = f"{'session':<18} {'started (UTC)':<26} {'user':<16} {'database':<12} client"
     lines = [header, "-" * len(header)]
     for r in starts:
@@ -70,5 +72,6 @@ def session_rows(starts: Sequence[AuditRecord]) -> str:
             f"{terminal_text(r.user, limit=16):<16} {terminal_text(r.database, limit=12):<12} "
             f"{terminal_text(r.client_addr)}"
         )
-    lines.append(f"({len(starts)} session{'s' if len(starts) != 1 else ''})")
+    n = len(starts)
+    lines.append(more_note(n, "session") if more else f"({n} session{'s' if n != 1 else ''})")
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote
 
 from pglast import parser
@@ -117,6 +117,94 @@ def _sanitize(value: str) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Prompt id
+
+_PROMPT_SETTING = "pgguard.prompt_id"
+_PROMPT_SETTING_WORDS = ("prompt_id", "set_config", "reset", "discard")
+PromptSetting = tuple[Literal["set", "reset", "unknown"], str | None, bool]
+
+
+def prompt_setting(sql: str) -> PromptSetting | None:
+    """What one statement that ran does to the session's ``pgguard.prompt_id``, read from its
+    parse tree: ``("set", value, local)`` (``SET [LOCAL] pgguard.prompt_id = …`` with any
+    quoting or comments, or ``set_config('pgguard.prompt_id', '…', is_local)``),
+    ``("reset", None, False)`` (``RESET`` it, ``SET … TO DEFAULT``, ``RESET ALL``, ``DISCARD
+    ALL``: back to the startup value), ``("unknown", None, local)`` (set to something its text
+    does not give: ``FROM CURRENT``, a set_config of a computed value), or None."""
+    lowered = sql.lower()
+    if not any(word in lowered for word in _PROMPT_SETTING_WORDS):
+        return None
+    try:
+        tree = json.loads(parser.parse_sql_json(sql))
+    except (parser.ParseError, ValueError):
+        return ("unknown", None, False) if _PROMPT_SETTING in lowered else None
+    found: PromptSetting | None = None
+    for node_type, fields, _ in _walk(tree):
+        effect: PromptSetting | None = None
+        if node_type == "VariableSetStmt":
+            effect = _variable_set(fields)
+        elif node_type == "DiscardStmt" and fields.get("target") == "DISCARD_ALL":
+            effect = ("reset", None, False)
+        elif node_type == "FuncCall":
+            effect = _set_config_call(fields)
+        if effect is not None:
+            found = effect  # the last one in the statement wins
+    return found
+
+
+def _variable_set(fields: dict[str, Any]) -> PromptSetting | None:
+    kind = fields.get("kind")
+    if kind == "VAR_RESET_ALL":
+        return ("reset", None, False)
+    if str(fields.get("name", "")).lower() != _PROMPT_SETTING:
+        return None
+    local = bool(fields.get("is_local"))
+    if kind in ("VAR_SET_DEFAULT", "VAR_RESET"):
+        return ("reset", None, local)
+    if kind == "VAR_SET_VALUE":
+        args = fields.get("args") or []
+        value = _constant_text(args[0]) if len(args) == 1 else None
+        if value is not None:
+            return ("set", _prompt_text(value), local)
+    return ("unknown", None, local)
+
+
+def _set_config_call(fields: dict[str, Any]) -> PromptSetting | None:
+    names = fields.get("funcname") or []
+    last = names[-1].get("String", {}).get("sval", "") if names else ""
+    if str(last).lower() != "set_config":
+        return None
+    args = fields.get("args") or []
+    name = _constant_text(args[0]) if args else None
+    if name is None:
+        return ("unknown", None, False)  # a computed name may be this one
+    if name.strip().lower() != _PROMPT_SETTING:
+        return None
+    value = _constant_text(args[1]) if len(args) > 1 else None
+    const = args[2].get("A_Const") if len(args) == 3 and isinstance(args[2], dict) else None
+    flag = const.get("boolval") if isinstance(const, dict) else None
+    if not isinstance(flag, dict):  # is_local not a boolean constant
+        return ("unknown", None, False)
+    is_local = bool(flag.get("boolval"))
+    if value is None:
+        return ("unknown", None, is_local)
+    return ("set", _prompt_text(value), is_local)
+
+
+def _constant_text(node: Any) -> str | None:
+    """The text of a constant argument (string, number or bare word), else None."""
+    const = node.get("A_Const") if isinstance(node, dict) else None
+    if not isinstance(const, dict):
+        return None
+    for key in ("sval", "ival", "fval"):  # the parse tree's JSON leaves zero values out
+        inner = const.get(key)
+        if isinstance(inner, dict):
+            return str(inner.get(key, 0 if key == "ival" else ""))
+    return None
+
+
+def _prompt_text(value: str) -> str | None:
+    return _sanitize(value).strip()[:PROMPT_ID_MAX_LEN].strip() or None
+
 
 # One sqlcommenter ``key='value'`` pair; pairs are comma-separated, but whitespace is
 # accepted too. The key must not be glued to a preceding word (``xprompt_id=``).

@@ -72,6 +72,10 @@ class Refusal:
     rule: str
     message: str
     sqlstate: str = "42501"
+    # What the statement's audit record says: "deny", or how its approval request ended
+    # ("approval_denied", "approval_expired") and which request it was.
+    decision: str = "deny"
+    approval_id: str | None = None
 
     def text(self) -> str:
         return f"pgguard: {self.rule}: {self.message}"

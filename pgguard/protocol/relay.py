@@ -191,6 +191,7 @@ class RelayCore:
         "_preview_count",
         "_preview_limits",
         "_refusals",
+        "_refused_now",
         "_released_early",
         "_requests",
         "_rows",
@@ -234,6 +235,7 @@ class RelayCore:
         # statement name left behind must not give away).
         self._own = "pgguard_" + secrets.token_hex(6) + "_"
         self._refusals: dict[str, Refusal] = {}
+        self._refused_now: Refusal | None = None  # the refusal the last error was rewritten to
         self._seq = 0
         self._verdicts: dict[bytes, Refusal | object | None] = {}
         # Prepared statement name → the SQL it may hold: re-Parsing a name fails on the server
@@ -619,6 +621,7 @@ class RelayCore:
         refusal = self._refusals.pop(token, None)
         if refusal is None:
             return raw
+        self._refused_now = refusal  # for the statement tracker, which sees the rewrite
         return ErrorResponse(error_fields("ERROR", refusal.sqlstate, refusal.text())).encode()
 
     def from_server(self, data: bytes) -> bytes:
@@ -658,6 +661,7 @@ class RelayCore:
                 continue
             msg: bytes | None = None  # what replaces buf[pos:end]; None: unchanged
             if t == _E and self._refusals:
+                self._refused_now = None
                 raw = buf[pos:end]
                 rewritten = self._rewrite_error(raw)
                 if rewritten is not raw:
@@ -882,11 +886,15 @@ class RelayCore:
         elif t == _E:
             err = ErrorResponse.decode_body(body)
             sqlstate, message = err.sqlstate, err.message
-            token = self._marker_in(message)
-            if token is not None and token in self._refusals:
-                refusal = self._refusals[token]
-                sqlstate, message = refusal.sqlstate, refusal.text()
-            runs = tracker.error(sqlstate, message)
+            refusal, self._refused_now = self._refused_now, None
+            if refusal is not None:
+                runs = tracker.refused(
+                    refusal.sqlstate,
+                    refusal.text(),
+                    (refusal.rule, refusal.decision, refusal.approval_id),
+                )
+            else:
+                runs = tracker.error(sqlstate, message)
         else:  # ReadyForQuery
             runs = tracker.ready()
         if t != _C and self._preview is not None:

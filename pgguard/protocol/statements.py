@@ -43,6 +43,8 @@ class StatementRun(NamedTuple):
     # The rows the client got (session recording): raw from the relay, decoded by the writer.
     preview: RawPreview | RecordedStatement | None = None
     masked_columns: tuple[str, ...] = ()  # source columns masked in its result
+    # Refused by pgguard (not run): (rule, decision, approval id); see Refusal.
+    refused: tuple[str, str, str | None] | None = None
 
     def finished(
         self,
@@ -100,6 +102,7 @@ class StatementRun(NamedTuple):
             executed,
             preview,
             self.masked_columns if masked_columns is None else masked_columns,
+            self.refused,
         )
 
     @property
@@ -221,6 +224,24 @@ class StatementTracker:
 
     def error(self, sqlstate: str, message: str) -> list[StatementRun]:
         return self._finish(None, None, sqlstate, message)
+
+    def refused(
+        self, sqlstate: str, message: str, refusal: tuple[str, str, str | None]
+    ) -> list[StatementRun]:
+        """pgguard refused the statement being answered: it did not run. A simple Query is
+        judged and refused whole, so each of its statements carries the refusal; in the
+        extended protocol, the refused one (the server skips the rest of its batch)."""
+        if not self._queue or (self._ready and self._queue[0].batch != self._ready[0]):
+            return []
+        batch = self._queue[0].batch
+        now = self._clock()
+        out: list[StatementRun] = []
+        while self._queue and self._queue[0].batch == batch:
+            run = self._queue.popleft()
+            out.append(run.finished(now, None, None, sqlstate, message, executed=False))
+            if run.protocol != "simple":
+                break
+        return [r._replace(refused=refusal) for r in out]
 
     def ready(self) -> list[StatementRun]:
         """ReadyForQuery: whatever is left of the batch it ends was not executed."""

@@ -273,15 +273,16 @@ class AuditLink(asyncio.Protocol):
         session_id: str,
         run: StatementRun,
         described: tuple[Any, ...],
-        approval_id: str | None,
+        approval: tuple[str, str] | None,
         on_durable: DurableCallback | None = None,
     ) -> None:
         """One statement run; its record is built by the writer. ``described`` is
-        ``(statement_class, objects, command, audit_only)``."""
+        ``(statement_class, objects, command, audit_only)``; ``approval`` the approval it ran
+        under: (request id, the rule that asked for it)."""
         ticket = self._ticket(on_durable)
         if ticket >= 0:
             wire = link.run_to_wire(run)
-            self._send((link.STATEMENT, ticket, session_id, wire, described, approval_id))
+            self._send((link.STATEMENT, ticket, session_id, wire, described, approval))
 
     def _ticket(self, on_durable: DurableCallback | None) -> int:
         """0 (no answer wanted), a ticket, or -1 if the event is refused here."""

@@ -182,7 +182,19 @@ def verdict_for(request: ApprovalRequest) -> Refusal | None:
     if request.status == "denied":
         who = request.decider or "an approver"
         reason = f": {request.reason}" if request.reason else ""
-        return Refusal(request.rule, f"request {request.id} denied by {who}{reason}")
+        return Refusal(
+            request.rule,
+            f"request {request.id} denied by {who}{reason}",
+            decision="approval_denied",
+            approval_id=request.id,
+        )
     if request.status == "expired":
-        return Refusal(request.rule, f"request {request.id} expired without a decision")
-    return Refusal(request.rule, f"request {request.id} was withdrawn", "57014")
+        return Refusal(
+            request.rule,
+            f"request {request.id} expired without a decision",
+            decision="approval_expired",
+            approval_id=request.id,
+        )
+    return Refusal(
+        request.rule, f"request {request.id} was withdrawn", "57014", approval_id=request.id
+    )

@@ -299,7 +299,9 @@ class Session:
         self.outcome = "aborted"  # metrics: pgguard_connections_total{result}
         self._approval: ApprovalRequest | None = None  # the request of a held statement
         self._held_text = ""
-        self._approved: tuple[str, str] | None = None  # (SQL, request id) approved to run
+        self._session_recorded = False  # its session_start record was written
+        # (SQL, request id, rule) approved to run
+        self._approved: tuple[str, str, str] | None = None
         self._upstream_prompt: str | None = None  # pgguard.prompt_id on the upstream session
         # ... and the session's own (startup options or token), which statements without a
         # prompt comment run under; None once the client sets it itself (then unknown).
@@ -339,10 +341,15 @@ class Session:
                 self.gateway.tally.connection(self.outcome)
             self._teardown()
 
-    def _auth_failure(self, reason: str) -> None:
+    def _auth_failure(self, reason: str, refusal: Fatal | None = None) -> None:
+        """A login refused: counted, and recorded with what the client was told."""
         self.outcome = "auth_failed"
         self.gateway.auth_failed(reason)
-        self._audit(self.audit_ctx.base("auth_failure", extra={"reason": reason}))
+        extra: dict[str, object] = {"reason": reason}
+        if refusal is not None:
+            extra["error"] = refusal.message
+        sqlstate = refusal.sqlstate if refusal is not None else None
+        self._audit(self.audit_ctx.base("auth_failure", sqlstate=sqlstate, extra=extra))
 
     def _audit(self, record: AuditRecord) -> None:
         """Submit a non-statement record (never held for)."""
@@ -371,7 +378,11 @@ class Session:
                 "session end",
                 extra={"session_id": self.info.session_id, "user": self.info.user},
             )
+        if self._session_recorded:
             self._audit(self.audit_ctx.base("session_end"))
+        elif self.identity is not None and self.outcome != "auth_failed":
+            # Logged in but never relayed (e.g. the upstream refused it): say how it ended.
+            self._audit(self.audit_ctx.base("session_end", extra={"outcome": self.outcome}))
         if self.audit is not None:
             self.audit.forget(self.info.session_id)
 
@@ -443,10 +454,11 @@ class Session:
         if not self.tls and not (
             self.settings.tls.allow_plaintext_loopback and self.gateway.listener_is_loopback
         ):
-            self._auth_failure("tls_required")
-            raise SessionEnded(
-                Fatal("28000", "pgguard: an encrypted connection is required (use sslmode=require)")
+            fatal = Fatal(
+                "28000", "pgguard: an encrypted connection is required (use sslmode=require)"
             )
+            self._auth_failure("tls_required", fatal)
+            raise SessionEnded(fatal)
 
         if self.gateway.draining:
             self.outcome = "draining"
@@ -464,8 +476,9 @@ class Session:
         try:
             type_code, body = await read_message(self.client, reader)
         except m.ProtocolError as exc:
-            self._auth_failure("too_large")
-            raise SessionEnded(Fatal("28000", "pgguard: token too large")) from exc
+            fatal = Fatal("28000", "pgguard: token too large")
+            self._auth_failure("too_large", fatal)
+            raise SessionEnded(fatal) from exc
         if type_code != b"p":
             raise m.ProtocolError(f"expected password response, got message type {type_code!r}")
         # Whatever the client pipelined behind the password belongs to the relay.
@@ -474,27 +487,23 @@ class Session:
         try:
             identity = await self.gateway.validator.validate(token)
         except TokenError as exc:
-            self._auth_failure(exc.reason)
+            fatal = Fatal(exc.sqlstate, f"pgguard: {exc}")
+            self._auth_failure(exc.reason, fatal)
             log.warning(
                 "authentication failed: %s",
                 exc.reason,
                 extra={"session_id": self.info.session_id, "user": user},
             )
-            raise SessionEnded(Fatal(exc.sqlstate, f"pgguard: {exc}")) from None
+            raise SessionEnded(fatal) from None
         if identity.user != user:
-            self._auth_failure("user_mismatch")
-            raise SessionEnded(
-                Fatal(
-                    "28000",
-                    f'pgguard: user name "{user}" does not match the token subject',
-                )
-            )
+            fatal = Fatal("28000", f'pgguard: user name "{user}" does not match the token subject')
+            self._auth_failure("user_mismatch", fatal)
+            raise SessionEnded(fatal)
         allowed = self.settings.upstream.databases
         if allowed is not None and database not in allowed:
-            self._auth_failure("database")
-            raise SessionEnded(
-                Fatal("3D000", f'pgguard: database "{database}" is not served by this gateway')
-            )
+            fatal = Fatal("3D000", f'pgguard: database "{database}" is not served by this gateway')
+            self._auth_failure("database", fatal)
+            raise SessionEnded(fatal)
         self.identity = identity
         self.audit_ctx.identity = identity
 
@@ -512,7 +521,10 @@ class Session:
                 role=role,
             )
         except StartupRefused as exc:
-            raise SessionEnded(Fatal(exc.sqlstate, str(exc))) from None
+            # e.g. a startup option setting pgguard.user: worth a record of its own.
+            fatal = Fatal(exc.sqlstate, str(exc))
+            self._auth_failure("startup_refused", fatal)
+            raise SessionEnded(fatal) from None
         self.role_mapped = role is not None
         self.audit_ctx.upstream_role = role or self.settings.upstream.user
         self.audit_ctx.startup_prompt_id = upstream_startup.prompt_id
@@ -793,7 +805,7 @@ class Session:
             )
         )  # fmt: skip
         if request.status == "approved":
-            self._approved = (self._held_text, request.id)
+            self._approved = (self._held_text, request.id, request.rule)
         self._approval = None
         self._release_hold(verdict_for(request))
 
@@ -805,7 +817,12 @@ class Session:
         self._approval = None
         self._spawn(self.gateway.approvals.withdraw(request.id, "cancelled by the client"))
         self._release_hold(
-            Refusal(request.rule, f"request {request.id} cancelled by the client", "57014")
+            Refusal(
+                request.rule,
+                f"request {request.id} cancelled by the client",
+                "57014",
+                approval_id=request.id,
+            )
         )
 
     def _release_hold(self, verdict: Refusal | None) -> None:
@@ -990,6 +1007,7 @@ class Session:
                 core.gate = self._audit_gate
             self.audit.session(self.audit_ctx)
             self._audit(self.audit_ctx.base("session_start"))
+            self._session_recorded = True
         else:
             # No audit, so no statement tracker (too slow to run just for the metrics): the
             # relay notes each statement and its verdict instead.
@@ -1039,20 +1057,20 @@ class Session:
             if self.guard is not None:
                 facts, audit_only = self.guard.describe(run.statement)
                 about = (*described(facts), audit_only)
-            approval_id = None
+            approval: tuple[str, str] | None = None
             approved = self._approved
             if approved is not None and run.statement.strip() in approved[0]:
                 self._approved = None
-                approval_id = approved[1]
+                approval = (approved[1], approved[2])
             decision, _ = self.audit_ctx.decision(run, audit_only)
-            if approval_id is not None and decision == "allow":
+            if approval is not None and decision == "allow":
                 decision = "approved"
             self.gateway.tally.statement(about[0], decision, run.duration_ms)  # type: ignore[arg-type]
             if not strict:
-                audit.statement(session_id, run, about, approval_id)
+                audit.statement(session_id, run, about, approval)
                 continue
             self._awaiting += 1
-            audit.statement(session_id, run, about, approval_id, self._durable)
+            audit.statement(session_id, run, about, approval, self._durable)
 
     def _count_statements(self, noted: list[Counted], seconds: float) -> None:
         """A request's statements, for the statement metrics when the audit is off. Each
@@ -1063,7 +1081,7 @@ class Session:
             for sql, refusal in noted:
                 decided: str | None = None
                 if refusal is not None:
-                    decided = "deny"
+                    decided = refusal.decision
                 elif self._approved is not None and self._approved[0] == sql.decode(
                     "utf-8", "surrogateescape"
                 ):

@@ -449,3 +449,10 @@ def test_asyncpg_and_psql_are_held_too_and_everything_is_audited(
     assert ("approval_decision", request.id, "approved") in events
     assert ("statement", request.id, "approved") in events, events
     assert ("approval_decision", second.id, "approval_denied") in events
+    # The statements' own records: the rule that asked for the approval, and how it ended.
+    ran = [r for r in records if r.event == "statement" and r.approval_id is not None]
+    assert [(r.approval_id, r.decision, r.rule) for r in ran] == [
+        (request.id, "approved", request.rule),
+        (second.id, "approval_denied", second.rule),
+    ]
+    assert ran[1].extra.get("executed") is False

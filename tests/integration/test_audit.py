@@ -127,7 +127,18 @@ def test_jwt_prompt_and_auth_failures(make_gateway: MakeGateway, tmp_path: Path)
         psycopg.connect(gw.dsn("bo", password="not-a-token"))
     failures = eventually(lambda: records(gw, event="auth_failure"))
     assert failures and failures[-1].user == "bo"
+    assert failures[-1].sqlstate == "28000" and failures[-1].extra["error"].startswith("pgguard:")
     assert "not-a-token" not in json.dumps([r.to_json() for r in failures])
+    # Logging in as someone else through a startup option: refused, and on the record.
+    with pytest.raises(psycopg.OperationalError, match="reserved"):
+        psycopg.connect(gw.dsn("bo", options="-c pgguard.user=admin"))
+    refused = eventually(
+        lambda: [r for r in records(gw, event="auth_failure") if r.extra["reason"] != "malformed"]
+    )
+    assert [(r.user, r.extra["reason"]) for r in refused] == [("bo", "startup_refused")]
+    assert refused[0].sqlstate and "pgguard.user" in refused[0].extra["error"]
+    ends = [r for r in records(gw, user="bo") if r.event in ("session_start", "session_end")]
+    assert [r.event for r in ends] == ["session_start", "session_end"]  # the first session's
 
 
 def test_secrets_are_redacted_in_statement_text(make_gateway: MakeGateway, tmp_path: Path) -> None:
@@ -867,3 +878,82 @@ def test_an_extended_protocol_copy_leaves_the_session_in_step(
         ),
         ("select note, prompt from public.copy_log order by id", "SELECT", 3, True),
     ]
+
+
+def test_refusals_are_recorded_as_the_relay_made_them(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """A refused multi-statement Query: none of it ran, each record says so and names the
+    rule; a statement pgguard cannot analyse is refused by ``parser``; a server error that
+    reads like a refusal is the server's."""
+    from tests.support import rawpg
+
+    policy = tmp_path / "no-deletes.yaml"
+    policy.write_text(
+        "version: 1\ndefaults: {action: allow}\nrules:\n"
+        "  - name: no-deletes\n    match: {commands: [DELETE]}\n    action: deny\n"
+        "    message: deletes are not allowed\n"
+    )
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    with rawpg.connect("127.0.0.1", gw.port, "refused", "app", gw.token("refused")) as raw:
+        result = raw.query("select 'm1'; delete from public.items; select 'm3'")
+        assert result.error is not None and result.error.sqlstate == "42501"
+        result = raw.query("selec 1")
+        assert result.error is not None and "pgguard: parser" in result.error.message
+        result = raw.query(
+            "do $$ begin raise exception 'pgguard: admin: refused' using errcode = '42501'; end $$"
+        )
+        assert result.error is not None
+    recorded = [
+        (r.statement, r.decision, r.rule, r.sqlstate, r.extra.get("executed", True))
+        for r in statements(gw, "refused")
+    ]
+    assert recorded[:4] == [
+        ("select 'm1'", "deny", "no-deletes", "42501", False),
+        ("delete from public.items", "deny", "no-deletes", "42501", False),
+        ("select 'm3'", "deny", "no-deletes", "42501", False),
+        ("selec 1", "deny", "parser", "42601", False),
+    ]
+    assert recorded[4][1:4] == ("allow", None, "42501")
+    transcript = subprocess.run(
+        [PGGUARD, "sessions", "show", statements(gw, "refused")[0].session_id or "",
+         "--config", str(gw.config_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert transcript.returncode == 0, transcript.stderr
+    after_delete = transcript.stdout.split("=> delete from public.items", 1)[1].split("=>")[0]
+    assert "DELETE" not in after_delete  # never shown as if it ran
+    assert "deletes are not allowed" in after_delete
+
+
+def test_the_recorded_prompt_id_is_the_one_the_server_has(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """However the client changes pgguard.prompt_id (quoting, comments, set_config, LOCAL,
+    a rolled-back block, RESET ALL, DISCARD ALL), the record of the next statement carries
+    the value the server then has."""
+    gw = audited(make_gateway, tmp_path)
+    changes = [
+        "SET pgguard.prompt_id = unquoted_p",
+        "/* note */ SET pgguard.prompt_id = 'after-comment'",
+        'SET "pgguard".prompt_id = \'quoted-name\'',
+        "select set_config('pgguard.prompt_id', 'via-set-config', false)",
+        "BEGIN; SET pgguard.prompt_id = 'rolled-back'; ROLLBACK",
+        "BEGIN; SET LOCAL pgguard.prompt_id = 'local-only'; COMMIT",
+        "RESET ALL",
+        "SET pgguard.prompt_id = 'before-discard'",
+        "DISCARD ALL",
+    ]
+    seen: list[str] = []
+    with psycopg.connect(gw.dsn("pia", claims={"prompt_id": "tok"}), autocommit=True) as conn:
+        for change in changes:
+            conn.execute(change.encode())
+            row = conn.execute(b"select current_setting('pgguard.prompt_id', true)").fetchone()
+            assert row is not None
+            seen.append(row[0])
+    asked = [
+        r for r in statements(gw, "pia") if r.statement and r.statement.startswith("select curr")
+    ]
+    assert [r.prompt_id for r in asked] == seen
+    assert seen[:4] == ["unquoted_p", "after-comment", "quoted-name", "via-set-config"]
+    assert seen[4:] == ["via-set-config", "via-set-config", "tok", "before-discard", "tok"]

@@ -165,7 +165,7 @@ def test_builder_follows_the_session() -> None:
     builder.statement("s", set_run.finished(1.1, "SET"), nothing, None)
     run = StatementRun("simple", "update t set x = 1", 2.0).finished(2.5, "UPDATE 3", 3)
     about = ("write", ("public.t",), "UPDATE", ())
-    record = builder.statement("s", run, about, "req-1")
+    record = builder.statement("s", run, about, ("req-1", "updates-need-approval"))
     assert (record.user, record.email, record.groups, record.agent) == (
         "ana",
         "ana@example.com",
@@ -174,13 +174,37 @@ def test_builder_follows_the_session() -> None:
     )
     assert (record.prompt_id, record.prompt_source) == ("p-7", "set")
     assert (record.class_, record.objects, record.command) == ("write", ("public.t",), "UPDATE")
-    assert (record.decision, record.approval_id, record.rows) == ("approved", "req-1", 3)
-    assert record.duration_ms == pytest.approx(500.0)
-    refused = StatementRun("simple", "drop table t", 3.0).finished(
-        3.1, sqlstate="42501", error="pgguard: no-drops: not allowed"
+    assert (record.decision, record.rule, record.approval_id, record.rows) == (
+        "approved",
+        "updates-need-approval",
+        "req-1",
+        3,
     )
-    denied = builder.statement("s", refused, ("ddl", (), None, ("watch",)), "req-2")
-    assert (denied.decision, denied.rule, denied.approval_id) == ("deny", "no-drops", "req-2")
+    assert record.duration_ms == pytest.approx(500.0)
+    refused = (
+        StatementRun("simple", "drop table t", 3.0)
+        .finished(3.1, sqlstate="42501", error="pgguard: no-drops: not allowed", executed=False)
+        ._replace(refused=("no-drops", "deny", None))
+    )
+    denied = builder.statement("s", refused, ("ddl", (), None, ("watch",)), None)
+    assert (denied.decision, denied.rule, denied.approval_id) == ("deny", "no-drops", None)
+    turned_down = builder.statement(
+        "s", refused._replace(refused=("drops-need-approval", "approval_denied", "req-2")),
+        nothing, None,
+    )  # fmt: skip
+    assert (turned_down.decision, turned_down.rule, turned_down.approval_id) == (
+        "approval_denied",
+        "drops-need-approval",
+        "req-2",
+    )
+    # Only the relay says what pgguard refused: an error that reads like a refusal (a
+    # function can raise any text) is the server's.
+    spoof = StatementRun("simple", "select f()", 4.0).finished(
+        4.1, sqlstate="42501", error="pgguard: admin: refused"
+    )
+    spoofed = builder.statement("s", spoof, nothing, None)
+    assert (spoofed.decision, spoofed.rule) == ("allow", None)
+    assert spoofed.extra["error"] == "pgguard: admin: refused"
     audited = builder.statement("s", run, ("write", (), None, ("watch",)), None)
     assert (audited.decision, audited.rule) == ("audit_only", "watch")
     builder.forget("s")
@@ -396,8 +420,12 @@ def test_a_refused_multi_statement_query_is_denied_as_a_unit() -> None:
     def run(sql: str, batch: int) -> StatementRun:
         return StatementRun("simple", sql, 1.0, batch=batch)
 
-    refused = run("select 1", 5).finished(1.1, sqlstate="42501", error="pgguard: no-ddl: no")
-    skipped = run("drop table t", 5).finished(1.1, executed=False)
+    refused = (
+        run("select 1", 5)
+        .finished(1.1, sqlstate="42501", error="pgguard: no-ddl: no", executed=False)
+        ._replace(refused=("no-ddl", "deny", None))
+    )
+    skipped = run("drop table t", 5).finished(1.1, executed=False)  # kept from running
     failed = run("select 1/0", 6).finished(1.2, sqlstate="22012", error="division by zero")
     after = run("select 2", 6).finished(1.2, executed=False)
     decisions = [
@@ -445,3 +473,37 @@ def test_secrets_stay_out_of_errors_and_previews() -> None:
     record = RecordBuilder().statement("s", run, nothing, None)
     assert record.statement == "CREATE ROLE r3 PASSWORD '***'"
     assert "leak4" not in json.dumps(record.to_json())
+
+
+@pytest.mark.parametrize(
+    ("statements", "expected"),
+    [
+        # (statement, command tag) in the order they ran → the prompt id a next statement gets
+        ([("SET pgguard.prompt_id = 'p'", "SET")], ("p", "set")),
+        ([("SET pgguard.prompt_id = unquoted_p", "SET")], ("unquoted_p", "set")),
+        ([("/* note */ SET pgguard.prompt_id='x'", "SET")], ("x", "set")),
+        ([("select set_config('pgguard.prompt_id', 'c', false)", "SELECT 1")], ("c", "set")),
+        ([("SET pgguard.prompt_id = 'p'", "SET"), ("RESET ALL", "RESET")], ("tok", "jwt")),
+        ([("SET pgguard.prompt_id = 'p'", "SET"), ("DISCARD ALL", "DISCARD ALL")], ("tok", "jwt")),
+        ([("SET pgguard.prompt_id = 'p'", "SET"), ("SET pgguard.prompt_id TO DEFAULT", "SET")],
+         ("tok", "jwt")),
+        # a transaction block undone, or only local to it
+        ([("SET pgguard.prompt_id = 'kept'", "SET"), ("BEGIN", "BEGIN"),
+          ("SET pgguard.prompt_id = 'rolled'", "SET"), ("ROLLBACK", "ROLLBACK")], ("kept", "set")),
+        ([("BEGIN", "BEGIN"), ("SET pgguard.prompt_id = 'committed'", "SET"),
+          ("COMMIT", "COMMIT")], ("committed", "set")),
+        ([("BEGIN", "BEGIN"), ("SET LOCAL pgguard.prompt_id = 'local'", "SET"),
+          ("COMMIT", "COMMIT")], ("tok", "jwt")),
+        ([("BEGIN", "BEGIN"), ("SET LOCAL pgguard.prompt_id = 'local'", "SET")], ("local", "set")),
+        ([("SET LOCAL pgguard.prompt_id = 'nothing'", "SET")], ("tok", "jwt")),  # no block
+        ([("BEGIN", "BEGIN"), ("SET pgguard.prompt_id = 'in'", "SET"),
+          ("ROLLBACK TO SAVEPOINT s", "ROLLBACK")], ("in", "set")),
+    ],
+)  # fmt: skip
+def test_the_set_prompt_id_follows_what_the_server_did(
+    statements: list[tuple[str, str]], expected: tuple[str, str]
+) -> None:
+    ctx = SessionContext("i", "s", "10.0.0.1:5", identity=identity(prompt_id="tok"))
+    for sql, tag in statements:
+        ctx.note_statement(StatementRun("simple", sql, 1.0).finished(1.1, tag))
+    assert ctx.prompt("select 1") == expected

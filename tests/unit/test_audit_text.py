@@ -15,6 +15,7 @@ from pgguard.audit.text import (
     encode_params,
     fingerprint,
     prompt_id_from_comment,
+    prompt_setting,
     redact_literals,
     redact_secrets,
     scrub_error,
@@ -510,3 +511,32 @@ def test_errors_lose_what_the_statement_lost(statement: str, message: str) -> No
 def test_errors_of_statements_without_secrets_are_kept() -> None:
     message = 'syntax error at or near "selec"'
     assert scrub_error(message, "selec 1", "selec 1") is message
+
+
+@pytest.mark.parametrize(
+    ("sql", "effect"),
+    [
+        ("SET pgguard.prompt_id = 'p-1'", ("set", "p-1", False)),
+        ("set pgguard.prompt_id to 'it''s'", ("set", "it's", False)),
+        ("/* note */ SET pgguard.prompt_id='x'", ("set", "x", False)),
+        ('SET "pgguard".prompt_id = unquoted_p', ("set", "unquoted_p", False)),
+        ("SET SESSION pgguard.prompt_id = 42", ("set", "42", False)),
+        ("SET LOCAL pgguard.prompt_id = 'l'", ("set", "l", True)),
+        ("SET pgguard.prompt_id = ''", ("set", None, False)),
+        ("select set_config('pgguard.prompt_id', 'cfg', false)", ("set", "cfg", False)),
+        ("SELECT pg_catalog.set_config('PGGUARD.PROMPT_ID', 'c', true)", ("set", "c", True)),
+        ("SET pgguard.prompt_id TO DEFAULT", ("reset", None, False)),
+        ("RESET pgguard.prompt_id", ("reset", None, False)),
+        ("RESET ALL", ("reset", None, False)),
+        ("DISCARD ALL", ("reset", None, False)),
+        ("SET pgguard.prompt_id FROM CURRENT", ("unknown", None, False)),
+        ("select set_config('pgguard.prompt_id', md5('x'), false)", ("unknown", None, False)),
+        ("select set_config(name, 'x', false) from settings", ("unknown", None, False)),
+        ("select set_config('app.tenant', 'x', false)", None),
+        ("RESET search_path", None),
+        ("DISCARD PLANS", None),
+        ("select 'prompt_id'", None),
+    ],
+)
+def test_prompt_setting(sql: str, effect: tuple[str, str | None, bool] | None) -> None:
+    assert prompt_setting(sql) == effect

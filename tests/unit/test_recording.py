@@ -283,3 +283,23 @@ def test_caps_hold_and_json_round_trips(
     assert entry.truncated == (len(entry.rows) < len(rows))
     assert from_json(to_json([entry])) == [entry]
     render_transcript([entry], {"session_id": "s"})
+
+
+def test_a_statement_that_never_ran_is_not_replayed_as_if_it_had() -> None:
+    from pgguard.audit.records import AuditRecord
+    from pgguard.audit.sessions import entry_of
+
+    skipped = AuditRecord(
+        event="statement", ts=1.0, statement="delete from t", command="DELETE",
+        decision="deny", rule="no-deletes", extra={"executed": False},
+    )  # fmt: skip
+    assert entry_of(skipped).command_tag == "(not run: the request failed or was refused before it)"
+    refused = AuditRecord(
+        event="statement", ts=1.0, statement="delete from t", command="DELETE",
+        decision="deny", rule="no-deletes", sqlstate="42501",
+        extra={"executed": False, "error": "pgguard: no-deletes: deletes are not allowed"},
+    )  # fmt: skip
+    entry = entry_of(refused)
+    assert entry.error is not None
+    assert entry.error.message == "pgguard: no-deletes: deletes are not allowed"
+    assert entry.command_tag is None

@@ -552,3 +552,76 @@ def test_counting_a_copy_charges_its_statement_to_the_sync_that_ends_it() -> Non
     core.from_client(COPY_DATA + COPY_DONE + m.Sync().encode())
     core.from_server(m.CommandComplete("COPY 1").encode() + READY)
     assert [noted for noted, _ in counted] == [[(b"copy t from stdin", None)]]
+
+
+# --------------------------------------------------------------------------- refusals, tracked
+
+
+def _refusing_core(runs: list[object]) -> RelayCore:
+    def hook(sql: str) -> Refusal | None:
+        return Refusal("no-deletes", "deletes are not allowed") if "delete" in sql else None
+
+    core = RelayCore(LIMIT, hook)
+    core.track_statements(StatementTracker(lambda: 0.0), runs.extend)
+    return core
+
+
+def _server_fails(sent: bytes) -> bytes:
+    """The server's reply to pgguard's stand-in for a refused message (a syntax error)."""
+    kind, body = next(iter(_split(sent)))
+    text = m.Query.decode_body(body).sql if kind == b"Q" else m.Parse.decode_body(body).sql
+    return m.ErrorResponse(
+        m.error_fields("ERROR", "42601", f'syntax error at or near "{text}"')
+    ).encode()
+
+
+def _split(data: bytes) -> list[tuple[bytes, bytes]]:
+    reader = MessageReader(LIMIT)
+    reader.feed(data)
+    out = []
+    while (msg := reader.next_message()) is not None:
+        out.append(msg)
+    return out
+
+
+def test_every_statement_of_a_refused_query_is_marked_refused_and_not_run() -> None:
+    runs: list[object] = []
+    core = _refusing_core(runs)
+    sent = core.from_client(m.Query("select 1; delete from t; select 2").encode())
+    got = core.from_server(_server_fails(sent) + READY)
+    assert isinstance(decode_all(got)[0], m.ErrorResponse)
+    refusal = ("no-deletes", "deny", None)
+    message = "pgguard: no-deletes: deletes are not allowed"
+    assert [(r.statement, r.executed, r.sqlstate, r.error, r.refused) for r in runs] == [  # type: ignore[attr-defined]
+        ("select 1", False, "42501", message, refusal),
+        ("delete from t", False, "42501", message, refusal),
+        ("select 2", False, "42501", message, refusal),
+    ]
+
+
+def test_a_refused_parse_marks_its_statement_only() -> None:
+    runs: list[object] = []
+    core = _refusing_core(runs)
+    sent = core.from_client(
+        m.Parse("", "delete from t", ()).encode()
+        + m.Bind("", "", (), (), ()).encode()
+        + m.Execute("", 0).encode()
+        + m.Parse("", "select 2", ()).encode()
+        + m.Bind("", "", (), (), ()).encode()
+        + m.Execute("", 0).encode()
+        + m.Sync().encode()
+    )
+    core.from_server(_server_fails(sent) + READY)
+    assert [(r.statement, r.executed, r.refused) for r in runs] == [  # type: ignore[attr-defined]
+        ("delete from t", False, ("no-deletes", "deny", None)),
+        ("select 2", False, None),  # skipped by the server after the error, not refused
+    ]
+
+
+def test_an_error_that_reads_like_a_refusal_is_the_servers() -> None:
+    runs: list[object] = []
+    core = _refusing_core(runs)
+    core.from_client(m.Query("select f()").encode())
+    spoof = m.ErrorResponse(m.error_fields("ERROR", "42501", "pgguard: admin: refused"))
+    core.from_server(spoof.encode() + READY)
+    assert [(r.sqlstate, r.refused) for r in runs] == [("42501", None)]  # type: ignore[attr-defined]
