@@ -936,7 +936,7 @@ def test_the_recorded_prompt_id_is_the_one_the_server_has(
     changes = [
         "SET pgguard.prompt_id = unquoted_p",
         "/* note */ SET pgguard.prompt_id = 'after-comment'",
-        'SET "pgguard".prompt_id = \'quoted-name\'',
+        "SET \"pgguard\".prompt_id = 'quoted-name'",
         "select set_config('pgguard.prompt_id', 'via-set-config', false)",
         "BEGIN; SET pgguard.prompt_id = 'rolled-back'; ROLLBACK",
         "BEGIN; SET LOCAL pgguard.prompt_id = 'local-only'; COMMIT",
