@@ -199,6 +199,14 @@ class StatementTracker:
         self._batch += 1
         self._ready.append(self._batch)
 
+    def abandon(self, now: float, sqlstate: str, message: str) -> list[StatementRun]:
+        """The session ends with these statements unanswered (sent, so maybe run): each
+        finished with ``message``, for its record."""
+        out = [run.finished(now, None, None, sqlstate, message) for run in self._queue]
+        self._queue.clear()
+        self._ready.clear()
+        return out
+
     def ignored_syncs(self, count: int) -> None:
         """The last ``count`` Syncs reached a COPY FROM STDIN's server in copy-in mode, which
         ignored them: no ReadyForQuery ends their batches; the next Sync's ends them."""

@@ -62,6 +62,12 @@ log = logging.getLogger("pgguard.proxy")
 # Strict audit: once this much output is held (past a statement's CommandComplete, waiting
 # for its record), the upstream's reading stops until it is released.
 HELD_RESULT_BYTES = 256 * 1024
+# A client gone mid-request: how long its statements' outcomes are waited for (after a cancel).
+_OUTCOME_WAIT_S = 10.0
+OUTCOME_UNKNOWN = (
+    "08006",
+    "pgguard: the client disconnected before the outcome was known; the statement may have run",
+)
 AUDIT_UNAVAILABLE = Refusal(
     "audit", "the audit store is unavailable; statements are refused until it recovers"
 )
@@ -378,6 +384,13 @@ class Session:
                 "session end",
                 extra={"session_id": self.info.session_id, "user": self.info.user},
             )
+        if self.core.tracker is not None and self.audit is not None:
+            unknown = self.core.tracker.abandon(time.time(), *OUTCOME_UNKNOWN)
+            if unknown:
+                try:
+                    self._record_runs(unknown, wait=False)
+                except Exception:
+                    log.exception("audit record failed", extra={"session_id": self.info.session_id})
         if self._session_recorded:
             self._audit(self.audit_ctx.base("session_end"))
         elif self.identity is not None and self.outcome != "auth_failed":
@@ -933,6 +946,12 @@ class Session:
                 client_transport.write(fatal_bytes("08P01", "pgguard: upstream protocol error"))
                 self.finish()
                 return
+            if client.closed:
+                # The client left mid-request: its statements' outcomes are read for the
+                # audit trail (see _await_outcomes), the rest goes nowhere.
+                if core.pending == 0 or core.closing:
+                    self.finish()
+                return
             masking = core.masking
             if masking is not None and masking.counts:
                 tally.masked_values(masking.take_counts())
@@ -969,6 +988,8 @@ class Session:
                 client_transport.write(
                     fatal_bytes("08006", "pgguard: lost connection to the upstream server")
                 )
+            if side is client and self._await_outcomes():
+                return
             self.finish()
 
         def client_paused(paused: bool) -> None:
@@ -991,9 +1012,6 @@ class Session:
         upstream.on_pause = upstream_paused
         client.on_data = from_client
         upstream.on_data = from_server
-        if client.closed or upstream.closed:
-            self.finish()
-            return
         assert self.identity is not None
         loop = asyncio.get_running_loop()
         if self.audit is not None:
@@ -1012,6 +1030,11 @@ class Session:
             # No audit, so no statement tracker (too slow to run just for the metrics): the
             # relay notes each statement and its verdict instead.
             core.count_statements(self._count_statements, time.monotonic)
+        if client.closed or upstream.closed:
+            # Gone while the session was set up: what it sent was never relayed (so never
+            # ran), and the session's start and end are on the record.
+            self.finish()
+            return
         leftover = upstream.take_buffered()
         if leftover:
             from_server(leftover)
@@ -1045,10 +1068,12 @@ class Session:
                 self._held = None
                 self.force_end(Fatal("58030", "pgguard: audit: could not record the statement"))
 
-    def _record_runs(self, runs: list[StatementRun]) -> None:
+    def _record_runs(self, runs: list[StatementRun], wait: bool = True) -> None:
+        """Hand the runs to the audit trail; in strict mode (and ``wait``) the client's output
+        waits until their records are durable."""
         audit = self.audit
         assert audit is not None
-        strict = audit.mode == "strict"
+        strict = audit.mode == "strict" and wait
         session_id = self.info.session_id
         for run in runs:
             self.audit_ctx.note_statement(run)
@@ -1161,6 +1186,29 @@ class Session:
                 transport = upstream.transport if upstream is not None else None
                 if transport is not None and not upstream.closed and not self._client_paused:  # type: ignore[union-attr]
                     transport.resume_reading()
+
+    def _await_outcomes(self) -> bool:
+        """The client left with statements sent and unanswered: cancel them and read the
+        server's replies anyway (for a while), so that their records say what happened to
+        them rather than nothing (a write may commit before the cancel lands). True if the
+        session waits for them; it ends once they are answered."""
+        core, upstream = self.core, self.upstream
+        if (
+            core.tracker is None
+            or core.pending == 0
+            or core.holding is not None
+            or upstream is None
+            or upstream.closed
+            or upstream.transport is None
+        ):
+            return False
+        self._held = None  # nobody to give it to
+        self._cancel_upstream()
+        if self._upstream_paused or self._client_paused:
+            self._upstream_paused = self._client_paused = False
+            upstream.transport.resume_reading()
+        asyncio.get_running_loop().call_later(_OUTCOME_WAIT_S, self.finish)
+        return True
 
     def _cancel_upstream(self) -> None:
         """Cancel the running statement (the row limit was passed)."""

@@ -957,3 +957,47 @@ def test_the_recorded_prompt_id_is_the_one_the_server_has(
     assert [r.prompt_id for r in asked] == seen
     assert seen[:4] == ["unquoted_p", "after-comment", "quoted-name", "via-set-config"]
     assert seen[4:] == ["via-set-config", "via-set-config", "tok", "before-discard", "tok"]
+
+
+@pytest.mark.parametrize("mode", ["strict", "buffered"])
+def test_a_client_that_leaves_mid_statement_leaves_a_true_record(
+    make_gateway: MakeGateway, tmp_path: Path, pg: Any, mode: str
+) -> None:
+    """Closing the socket must not be a way to run a statement without a trace: pgguard
+    cancels what is running, reads how it ended, and records that."""
+    from tests.support import rawpg
+
+    table = f"leave_{mode}"
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        admin.execute(f"drop table if exists public.{table}")
+        admin.execute(f"create table public.{table} (v text)")
+        admin.execute(f"grant all on public.{table} to public")
+    gw = audited(make_gateway, tmp_path, mode=mode)
+    sql = {
+        "write": f"insert into public.{table} select 'slow' from pg_sleep(0.5)",
+        "read": "select g, repeat('x', 200) from generate_series(1, 3000000) g",
+    }
+    for what, text in sql.items():
+        user = f"leaver_{what}"
+        raw = rawpg.connect("127.0.0.1", gw.port, user, "app", gw.token(user))
+        raw.send(b"Q", text.encode() + b"\x00")
+        if what == "read":
+            raw.read_message()  # the result has started
+        raw.sock.close()
+    for what, text in sql.items():
+        [record] = eventually(lambda w=what: statements(gw, f"leaver_{w}"), timeout=20)
+        assert record.statement == text
+        if what == "write":
+            with psycopg.connect(pg.superuser_app_dsn()) as admin:
+                row = admin.execute(f"select count(*) from public.{table}").fetchone()
+            committed = row is not None and row[0] == 1
+            # Either it ran (and says so) or the cancel stopped it (and says so).
+            assert (
+                (record.command, record.rows) == ("INSERT", 1)
+                if committed
+                else (record.sqlstate == "57014")
+            )
+        else:
+            assert record.sqlstate == "57014"  # cancelled, not left running to nowhere
+    ends = eventually(lambda: records(gw, event="session_end"), timeout=20)
+    assert len(ends) == 2

@@ -105,3 +105,15 @@ def test_empty_query_and_portal_suspension() -> None:
     t.sync()
     runs = t.suspended() + t.complete("SELECT 5") + t.ready()
     assert [r.command_tag for r in runs] == ["SUSPENDED", "SELECT 5"]
+
+
+def test_statements_left_unanswered_are_finished_with_the_reason() -> None:
+    tracker = StatementTracker(lambda: 1.0)
+    tracker.query("insert into t values (1); select 2")
+    runs = tracker.abandon(2.0, "08006", "the client disconnected")
+    assert [(r.statement, r.sqlstate, r.error, r.ended) for r in runs] == [
+        ("insert into t values (1)", "08006", "the client disconnected", 2.0),
+        ("select 2", "08006", "the client disconnected", 2.0),
+    ]
+    assert tracker.abandon(3.0, "08006", "again") == []
+    assert tracker.ready() == []
