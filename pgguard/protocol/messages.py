@@ -41,6 +41,27 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def sql_bytes_text(raw: bytes) -> str:
+    """SQL as the gateway analyses and records it: UTF-8 where the bytes are valid UTF-8, else
+    (a client_encoding such as LATIN1, or bytes the server will refuse) byte for byte as
+    Latin-1, so that the parser gets text it can read and identifiers keep their letters."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def readable_sql(text: str) -> str:
+    """:func:`sql_bytes_text` of SQL decoded with ``surrogateescape`` (as messages are)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
 class BodyReader:
     """Bounds-checked reader over one message body. Every overrun is a ProtocolError."""
 

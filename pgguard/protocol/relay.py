@@ -38,6 +38,8 @@ from pgguard.protocol.messages import (
     Query,
     data_row_values,
     error_fields,
+    readable_sql,
+    sql_bytes_text,
 )
 from pgguard.protocol.statements import StatementRun, StatementTracker
 
@@ -519,7 +521,7 @@ class RelayCore:
         outer = (self._in_on_hold, self._released_early)
         self._in_on_hold, self._released_early = True, b""
         try:
-            self.on_hold(hold, sql.decode("utf-8", "surrogateescape"), buf[pos:end])
+            self.on_hold(hold, sql_bytes_text(sql), buf[pos:end])
             released = self._released_early
         finally:
             self._in_on_hold, self._released_early = outer
@@ -575,7 +577,7 @@ class RelayCore:
             self._epoch_seen = self.epoch[0]
         refusal = cache.get(sql, _UNSEEN)
         if refusal is _UNSEEN:
-            refusal = self.hook(sql.decode("utf-8", "surrogateescape"))
+            refusal = self.hook(sql_bytes_text(sql))
             if len(cache) >= _VERDICT_CACHE:
                 cache.clear()
             cache[sql] = refusal
@@ -817,10 +819,10 @@ class RelayCore:
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
             body = buf[pos + 5 : end]
             if t == _Q:
-                tracker.query(Query.decode_body(body).sql)
+                tracker.query(readable_sql(Query.decode_body(body).sql))
             elif t == _P:
                 parse = Parse.decode_body(body)
-                tracker.parse(parse.name, parse.sql)
+                tracker.parse(parse.name, readable_sql(parse.sql))
             elif t == _B:
                 bind = Bind.decode_body(body)
                 # Each parameter's format: one code for all, none for text (param_format).

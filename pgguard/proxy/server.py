@@ -932,6 +932,9 @@ class Session:
                 client_transport.write(fatal_bytes(exc.sqlstate, f"pgguard: {exc}"))
                 self.finish()
                 return
+            except Exception:  # a bug: this session ends with a clear error, no other does
+                self._crashed()
+                return
             if to_server:
                 upstream_transport.write(to_server)
             if core.closing:
@@ -945,6 +948,9 @@ class Session:
                 log.error("upstream protocol error: %s", exc)
                 client_transport.write(fatal_bytes("08P01", "pgguard: upstream protocol error"))
                 self.finish()
+                return
+            except Exception:
+                self._crashed()
                 return
             if client.closed:
                 # The client left mid-request: its statements' outcomes are read for the
@@ -1107,9 +1113,7 @@ class Session:
                 decided: str | None = None
                 if refusal is not None:
                     decided = refusal.decision
-                elif self._approved is not None and self._approved[0] == sql.decode(
-                    "utf-8", "surrogateescape"
-                ):
+                elif self._approved is not None and self._approved[0] == m.sql_bytes_text(sql):
                     self._approved = None
                     decided = "approved"
                 for statement_class, allowed in self._statement_kinds(sql):
@@ -1137,7 +1141,7 @@ class Session:
         if kinds is not None:
             self._last_kinds = (sql, kinds, epoch)
             return kinds
-        text = sql.decode("utf-8", "surrogateescape")
+        text = m.sql_bytes_text(sql)
         # Texts that differ only in numbers share their kinds (pgbench and ORMs send a new
         # literal every time).
         shape = literal_free(text)
@@ -1186,6 +1190,11 @@ class Session:
                 transport = upstream.transport if upstream is not None else None
                 if transport is not None and not upstream.closed and not self._client_paused:  # type: ignore[union-attr]
                     transport.resume_reading()
+
+    def _crashed(self) -> None:
+        log.exception("session crashed", extra={"session_id": self.info.session_id})
+        self.client.write(fatal_bytes("XX000", "pgguard: internal error"))
+        self.finish()
 
     def _await_outcomes(self) -> bool:
         """The client left with statements sent and unanswered: cancel them and read the

@@ -1001,3 +1001,37 @@ def test_a_client_that_leaves_mid_statement_leaves_a_true_record(
             assert record.sqlstate == "57014"  # cancelled, not left running to nowhere
     ends = eventually(lambda: records(gw, event="session_end"), timeout=20)
     assert len(ends) == 2
+
+
+def test_statements_in_a_single_byte_client_encoding(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """A LATIN1 client's statements are judged and recorded with their own letters; bytes that
+    are not valid in the client's encoding get the server's error, and the session goes on."""
+    from tests.support import rawpg
+
+    policy = tmp_path / "rules.yaml"  # a rule, so that every statement is analysed
+    policy.write_text(
+        "version: 1\ndefaults: {action: allow}\nrules:\n"
+        "  - name: no-deletes\n    match: {commands: [DELETE]}\n    action: deny\n"
+    )
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    with psycopg.connect(gw.dsn("latin"), autocommit=True) as conn:
+        conn.execute("set client_encoding to 'LATIN1'")
+        assert conn.execute("select 'café' as word").fetchone() == ("café",)
+        cur = conn.cursor()
+        assert cur.execute("select %s::text || 'é'", ("naïve",)).fetchone() == ("naïveé",)
+    with rawpg.connect("127.0.0.1", gw.port, "bytes", "app", gw.token("bytes")) as raw:
+        raw.send(b"Q", b"select 'caf\xff'\x00")
+        result = raw.read_until_ready()
+        kinds = [k for k, _ in result]
+        assert kinds == [b"E", b"Z"]
+        assert rawpg.parse_fields(result[0][1])["C"] == "22021"  # the server's answer
+        assert raw.query("select 1").rows == [[[b"1"]]]
+    texts = [r.statement for r in statements(gw, "latin")]
+    assert "select 'café' as word" in texts
+    recorded = statements(gw, "bytes")
+    assert [(r.statement, r.sqlstate) for r in recorded] == [
+        ("select 'caf\xff'", "22021"),
+        ("select 1", None),
+    ]

@@ -726,3 +726,13 @@ def test_the_inline_decoders_take_whole_bodies_only(message: m.Message) -> None:
             type(message).decode_body(body[:cut])
     with pytest.raises(m.ProtocolError):
         type(message).decode_body(body + b"\x00")
+
+
+def test_sql_is_read_as_utf8_or_else_byte_for_byte() -> None:
+    from pgguard.protocol.messages import readable_sql, sql_bytes_text
+
+    assert sql_bytes_text("select 'café'".encode()) == "select 'café'"
+    assert sql_bytes_text(b"select 'caf\xe9'") == "select 'café'"  # a LATIN1 client's
+    assert sql_bytes_text(b"select '\xff'") == "select 'ÿ'"  # parseable; the server refuses it
+    for raw in ("select 'café'".encode(), b"select 'caf\xe9'", b"plain"):
+        assert readable_sql(raw.decode("utf-8", "surrogateescape")) == sql_bytes_text(raw)
