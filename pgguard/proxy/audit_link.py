@@ -290,7 +290,12 @@ class AuditLink(asyncio.Protocol):
             self._answer(on_durable, AuditClosed("pgguard: the audit trail is closed"))
             self.dropped_here += 1
             return -1
-        if len(self._out) >= self.config.queue_size or self._backlogged():
+        # The bound is buffered mode's: in strict mode the event is a statement that has run
+        # (or a session's start or end), and its session waits for it (up to
+        # audit.strict_timeout), so the backlog cannot grow past the sessions held.
+        if self.mode != "strict" and (
+            len(self._out) >= self.config.queue_size or self._backlogged()
+        ):
             self.dropped_here += 1
             if self.dropped_here & (self.dropped_here - 1) == 0:
                 log.warning("audit: writer not keeping up, %d event(s) dropped", self.dropped_here)
