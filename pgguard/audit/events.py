@@ -255,6 +255,8 @@ def statement_record(
     extra = PlainExtra()  # str keys, JSON values: see its docstring
     if not run.executed:
         extra["executed"] = False
+    if run.command_tag == "SUSPENDED":
+        extra["suspended"] = True  # the portal stopped at its row limit; rows: those sent
     error = run.error
     if error and options.redact_literals and (run.sqlstate or "").startswith("22"):
         # Data exceptions quote the offending input: 'invalid input syntax for type

@@ -830,7 +830,8 @@ class RelayCore:
                 formats = pf if len(pf) > 1 else (pf or (0,)) * count
                 tracker.bind(bind.portal, bind.statement, bind.params, formats)
             elif t == _EXECUTE:
-                tracker.execute(Execute.decode_body(body).portal)
+                execute = Execute.decode_body(body)
+                tracker.execute(execute.portal, execute.max_rows)
             elif t == _S:
                 tracker.sync()
             elif t == _F:
@@ -870,9 +871,13 @@ class RelayCore:
             return
         end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
         body = buf[pos + 5 : end]
-        if t == _C:
-            tag = CommandComplete.decode_body(body).tag
-            runs = tracker.complete(tag)
+        if t in (_C, _SUSPENDED):
+            if t == _C:
+                tag = CommandComplete.decode_body(body).tag
+                runs = tracker.complete(tag)
+            else:  # the rows so far are what the client got: previewed the same way
+                tag = "SUSPENDED"
+                runs = tracker.suspended()
             masked = self.masking.last_masked if self.masking is not None else ()
             entry = None
             if self._preview is not None and runs:
@@ -883,8 +888,6 @@ class RelayCore:
                 runs[-1] = runs[-1].with_result(entry, masked or runs[-1].masked_columns)
         elif t == _I:
             runs = tracker.empty()
-        elif t == _SUSPENDED:
-            runs = tracker.suspended()
         elif t == _E:
             err = ErrorResponse.decode_body(body)
             sqlstate, message = err.sqlstate, err.message
@@ -899,7 +902,7 @@ class RelayCore:
                 runs = tracker.error(sqlstate, message)
         else:  # ReadyForQuery
             runs = tracker.ready()
-        if t != _C and self._preview is not None:
+        if t != _C and t != _SUSPENDED and self._preview is not None:
             self._preview = None  # an error or the end of the request: no rows to keep
             self._previewing(True)
         if runs:

@@ -45,6 +45,7 @@ class StatementRun(NamedTuple):
     masked_columns: tuple[str, ...] = ()  # source columns masked in its result
     # Refused by pgguard (not run): (rule, decision, approval id); see Refusal.
     refused: tuple[str, str, str | None] | None = None
+    row_limit: int = 0  # the Execute's (0: all rows); a suspended run returned that many
 
     def finished(
         self,
@@ -103,6 +104,7 @@ class StatementRun(NamedTuple):
             preview,
             self.masked_columns if masked_columns is None else masked_columns,
             self.refused,
+            self.row_limit,
         )
 
     @property
@@ -111,8 +113,9 @@ class StatementRun(NamedTuple):
 
     @property
     def command(self) -> str | None:
-        """The command of the tag: "SELECT" of "SELECT 5", "CREATE TABLE" of "CREATE TABLE"."""
-        if not self.command_tag:
+        """The command of the tag: "SELECT" of "SELECT 5", "CREATE TABLE" of "CREATE TABLE";
+        None for a portal suspended at its row limit (no tag says what it ran)."""
+        if not self.command_tag or self.command_tag == "SUSPENDED":
             return None
         words = self.command_tag.split()
         while words and words[-1].isdigit():
@@ -172,7 +175,7 @@ class StatementTracker:
     ) -> None:
         self._portals[portal] = (statement, tuple(params), tuple(formats))
 
-    def execute(self, portal: str) -> None:
+    def execute(self, portal: str, row_limit: int = 0) -> None:
         statement, params, formats = self._portals.get(portal, ("", (), ()))
         sql = self._statements.get(statement, "")
         self._queue.append(
@@ -185,6 +188,7 @@ class StatementTracker:
                 params=params,
                 param_formats=formats,
                 batch=self._batch + 1,  # belongs to the next Sync
+                row_limit=row_limit,
             )
         )
 
@@ -228,7 +232,9 @@ class StatementTracker:
         return self._finish("", 0)
 
     def suspended(self) -> list[StatementRun]:
-        return self._finish("SUSPENDED", None)
+        """PortalSuspended: the Execute returned as many rows as it asked for."""
+        rows = self._queue[0].row_limit if self._queue else 0
+        return self._finish("SUSPENDED", rows or None)
 
     def error(self, sqlstate: str, message: str) -> list[StatementRun]:
         return self._finish(None, None, sqlstate, message)

@@ -1035,3 +1035,31 @@ def test_statements_in_a_single_byte_client_encoding(
         ("select 'caf\xff'", "22021"),
         ("select 1", None),
     ]
+
+
+def test_a_portal_fetched_in_pieces_is_recorded_piece_by_piece(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    """Executes with a row limit (asyncpg's fetchrow, cursors): each piece's record says what
+    ran and how many rows the client got; one stopped at its limit says so."""
+    from tests.support import rawpg
+
+    gw = allowing(make_gateway, tmp_path)
+    with rawpg.connect("127.0.0.1", gw.port, "pieces", "app", gw.token("pieces")) as raw:
+        raw.query("begin")
+        raw.parse("", "select g from generate_series(1, 100) g")
+        raw.bind("p", "", [])
+        raw.describe("P", "p")
+        for limit in (30, 30, 0):
+            raw.execute("p", limit)
+        raw.sync()
+        kinds = [k for k, _ in raw.read_until_ready()]
+        assert kinds.count(b"D") == 100 and kinds.count(b"s") == 2
+        raw.query("commit")
+    pieces = [r for r in statements(gw, "pieces") if r.protocol == "extended"]
+    assert [(r.command, r.rows, r.extra.get("suspended", False)) for r in pieces] == [
+        ("SELECT", 30, True),
+        ("SELECT", 30, True),
+        ("SELECT", 40, False),
+    ]
+    assert [len(r.extra["preview"]["rows"]) for r in pieces[:1]] == [30]
