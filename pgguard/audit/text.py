@@ -64,13 +64,39 @@ class _Tok:
     name: str
 
 
+# Comments nested deeper than this are refused (and never handed to the scanner, whose
+# time grows with the square of the nesting: 35,000 levels take seconds).
+COMMENT_NESTING_MAX = 100
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+
+
+def nested_too_deep(sql: str) -> bool:
+    """Whether ``sql`` nests ``/* */`` comments deeper than :data:`COMMENT_NESTING_MAX` (counted
+    without regard to quotes: a string full of ``/*`` counts too). Linear, and no work at all
+    for text with fewer openers than that."""
+    if sql.count("/*") <= COMMENT_NESTING_MAX:
+        return False
+    depth = 0
+    for mark in _COMMENT_MARK.finditer(sql):
+        if mark.group() == "/*":
+            depth += 1
+            if depth > COMMENT_NESTING_MAX:
+                return True
+        elif depth:
+            depth -= 1
+    return False
+
+
 def _tokens(sql: str) -> list[_Tok] | None:
-    """``scan`` as half-open character spans; ``None`` if the text cannot be scanned at all.
+    """``scan`` as half-open character spans; ``None`` if the text cannot be scanned at all
+    (or should not be: comments nested too deep).
 
     On a lexical error (an unterminated quote or comment, junk after a number, ...) the text
     before the error is scanned normally and the rest becomes one ``UNTERMINATED`` token: no
     comment or literal can start inside it as far as the server is concerned.
     """
+    if nested_too_deep(sql):
+        return None
     try:
         return [_Tok(t.start, t.end + 1, t.name) for t in parser.scan(sql)]
     except parser.ParseError as exc:
@@ -133,6 +159,8 @@ def prompt_setting(sql: str) -> PromptSetting | None:
     lowered = sql.lower()
     if not any(word in lowered for word in _PROMPT_SETTING_WORDS):
         return None
+    if nested_too_deep(sql):
+        return ("unknown", None, False) if _PROMPT_SETTING in lowered else None
     try:
         tree = json.loads(parser.parse_sql_json(sql))
     except (parser.ParseError, ValueError):
@@ -590,6 +618,8 @@ def redact_literals(sql: str) -> str:
 
 def fingerprint(sql: str) -> str | None:
     """pglast's fingerprint of ``sql`` (same shape, same value), ``None`` if it does not parse."""
+    if nested_too_deep(sql):
+        return None
     try:
         return str(parser.fingerprint(sql))
     except Exception:

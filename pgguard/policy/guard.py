@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pglast import parser
 
+from pgguard.audit.text import COMMENT_NESTING_MAX, nested_too_deep
 from pgguard.identity import Identity
 from pgguard.policy.analysis import AnalysisError, analyse, prepared_statement
 from pgguard.policy.catalog import CatalogSnapshot, effective_search_path
@@ -38,6 +39,13 @@ _SHAPE_CACHEABLE = frozenset({"SELECT"})
 # for all of them. This spares the fingerprint (the dominant cost) on e.g. pgbench -S.
 _PLAIN_TEXT = re.compile(r"[\w\s,.*=()<>+\-/;]*\Z", re.ASCII)
 _NUMBER = re.compile(r"\b\d+(?:\.\d*)?(?:[eE][-+]?\d+)?\b", re.ASCII)
+
+
+TOO_DEEP = Refusal(
+    "parser",
+    f"statement could not be analysed: comments nested more than {COMMENT_NESTING_MAX} deep",
+    "54001",
+)
 
 
 def literal_free(sql: str) -> str | None:
@@ -224,6 +232,8 @@ class SessionGuard:
             self._decided_epoch = self.state.epoch[0]
 
     def judge(self, sql: str) -> Judgement:
+        if "/*" in sql and nested_too_deep(sql):
+            return Judgement((), None, TOO_DEEP)  # before any parser sees it
         self._check_epoch()
         plain_key = None
         if not self.pending_paths:
@@ -303,6 +313,8 @@ class SessionGuard:
         """Facts of one statement's text and the audit_only rules it matches, for its audit
         record (from the caches when the statement was judged). Plain reads that differ only
         in numbers share one answer (no fingerprint per statement)."""
+        if "/*" in sql and nested_too_deep(sql):
+            return None, ()
         key = None
         if not self.pending_paths:
             self._check_epoch()

@@ -1063,3 +1063,20 @@ def test_a_portal_fetched_in_pieces_is_recorded_piece_by_piece(
         ("SELECT", 40, False),
     ]
     assert [len(r.extra["preview"]["rows"]) for r in pieces[:1]] == [30]
+
+
+def test_deeply_nested_comments_are_refused_without_stalling_others(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = audited(make_gateway, tmp_path)
+    deep = "/*" * 35_000 + "*/" * 35_000 + " select 1"
+    with (
+        psycopg.connect(gw.dsn("nester"), autocommit=True) as conn,
+        psycopg.connect(gw.dsn("bystander"), autocommit=True) as other,
+    ):
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(deep.encode())
+        assert info.value.sqlstate == "54001" and "nested" in str(info.value)
+        assert other.execute(b"select 2").fetchone() == (2,)
+    [record] = statements(gw, "nester")
+    assert (record.decision, record.rule, record.sqlstate) == ("deny", "parser", "54001")

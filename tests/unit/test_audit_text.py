@@ -14,6 +14,7 @@ from pgguard.audit.text import (
     SECRET_TRIGGERS,
     encode_params,
     fingerprint,
+    nested_too_deep,
     prompt_id_from_comment,
     prompt_setting,
     redact_literals,
@@ -540,3 +541,14 @@ def test_errors_of_statements_without_secrets_are_kept() -> None:
 )
 def test_prompt_setting(sql: str, effect: tuple[str, str | None, bool] | None) -> None:
     assert prompt_setting(sql) == effect
+
+
+def test_text_with_comments_nested_too_deep_is_never_scanned() -> None:
+    deep = "/* prompt_id='p' */ " + "/*" * 35_000 + "*/" * 35_000 + " select 1; select 2"
+    assert nested_too_deep(deep)
+    assert not nested_too_deep("/*" * 100 + "*/" * 100)
+    assert not nested_too_deep("/* a */ " * 500)  # many comments, none nested
+    assert statement_texts(deep) == [deep.strip()]
+    assert fingerprint(deep) is None
+    assert prompt_id_from_comment(deep) is None
+    assert prompt_setting("set pgguard.prompt_id = 'x' " + "/*" * 200) == ("unknown", None, False)

@@ -186,3 +186,12 @@ def test_describe_reuses_the_answer_for_plain_reads_that_differ_in_numbers(
     g.describe("delete from accounts where aid = 1")
     g.describe("delete from accounts where aid = 2")
     assert len(calls) == 2
+
+
+def test_comments_nested_too_deep_are_refused_before_any_parser() -> None:
+    g = SessionGuard(GuardState(None), agent(), "app", role_mapped=False)
+    deep = "/*" * 35_000 + "*/" * 35_000 + " select 1"
+    refusal = g(deep)
+    assert refusal is not None and refusal.rule == "parser" and refusal.sqlstate == "54001"
+    assert g.describe(deep) == (None, ())
+    assert g("/*" * 50 + "*/" * 50 + " select 1") is None  # nesting is allowed
