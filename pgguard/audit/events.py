@@ -14,6 +14,7 @@ from pglast.parser import ParseError
 from pgguard.audit.recording import RawPreview
 from pgguard.audit.records import AuditRecord, DecisionKind, EventKind, PlainExtra, PromptSource
 from pgguard.audit.text import (
+    clean_prompt_id,
     encode_params,
     fingerprint,
     prompt_id_from_comment,
@@ -96,9 +97,13 @@ class SessionContext:
         if self.set_prompt_id and local is None:
             return self.set_prompt_id, "set"
         if self.startup_prompt_id:
-            return self.startup_prompt_id, "startup"
+            cleaned = clean_prompt_id(self.startup_prompt_id)
+            if cleaned:
+                return cleaned, "startup"
         if self.identity is not None and self.identity.prompt_id:
-            return self.identity.prompt_id, "jwt"
+            cleaned = clean_prompt_id(self.identity.prompt_id)
+            if cleaned:
+                return cleaned, "jwt"
         return None, None
 
     def note_statement(self, run: StatementRun) -> None:

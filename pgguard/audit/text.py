@@ -230,8 +230,15 @@ def _constant_text(node: Any) -> str | None:
     return None
 
 
-def _prompt_text(value: str) -> str | None:
+def clean_prompt_id(value: str) -> str | None:
+    """A prompt id as records keep it, wherever it came from: without control, format and
+    separator characters, at most :data:`PROMPT_ID_MAX_LEN` characters; None when empty."""
+    if value.isascii() and value.isprintable() and len(value) <= PROMPT_ID_MAX_LEN:
+        return value.strip() or None  # the usual id, checked in C (records ask per statement)
     return _sanitize(value).strip()[:PROMPT_ID_MAX_LEN].strip() or None
+
+
+_prompt_text = clean_prompt_id
 
 
 # One sqlcommenter ``key='value'`` pair; pairs are comma-separated, but whitespace is

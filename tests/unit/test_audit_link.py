@@ -507,3 +507,13 @@ def test_the_set_prompt_id_follows_what_the_server_did(
     for sql, tag in statements:
         ctx.note_statement(StatementRun("simple", sql, 1.0).finished(1.1, tag))
     assert ctx.prompt("select 1") == expected
+
+
+def test_prompt_ids_from_the_startup_and_the_token_are_cleaned_like_comments() -> None:
+    hostile = "p-1\x1b[2J\x07\u202e" + "x" * 600
+    ctx = SessionContext("i", "s", "a", identity=identity(prompt_id=hostile))
+    prompt, source = ctx.prompt("select 1")
+    assert source == "jwt" and prompt is not None
+    assert prompt.startswith("p-1[2J") and len(prompt) == 256
+    ctx.startup_prompt_id = "\x00\x1b"  # nothing left: the next source answers
+    assert ctx.prompt("select 1")[1] == "jwt"
