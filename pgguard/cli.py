@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -16,6 +16,9 @@ from pgguard.config import ConfigError, Settings, default_config_path, load_sett
 
 if TYPE_CHECKING:
     from pgguard.audit.store import SqlStore
+
+
+_Store = TypeVar("_Store", bound=contextlib.AbstractContextManager[Any])
 
 
 def _load(config: Path | None) -> Settings:
@@ -356,16 +359,25 @@ def _reading_store(config: Path | None) -> Iterator[SqlStore]:
     """The configured audit store, opened for reading (never created or migrated), and
     closed afterwards. A store that cannot be used, when opened or while it is read, ends
     the command with a one-line error (password hidden) and exit status 2."""
-    from sqlalchemy.exc import ArgumentError, DBAPIError
-
-    from pgguard.audit.store import SqlStore, StoreError
+    from pgguard.audit.store import SqlStore
 
     settings = _load(config)
     if not settings.audit.url:
         _fail("audit.url is not configured: nothing to read")
-    safe, password = _checked_read_url(settings.audit.url)
+    with _opened(lambda url: SqlStore(url, migrate=False), settings.audit.url) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def _opened(open_store: Callable[[str], _Store], url: str) -> Iterator[_Store]:
+    """A store of the audit database at ``url`` (see :func:`_reading_store`)."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    from pgguard.audit.store import StoreError
+
+    safe, password = _checked_read_url(url)
     try:
-        store = SqlStore(settings.audit.url, migrate=False)
+        store = open_store(url)
     except StoreError as exc:
         _fail(f"cannot read the audit store: {_one_line(str(exc), password)}")
     except ImportError as exc:
@@ -574,18 +586,15 @@ token_option = click.option(
 )
 
 
-def _approval_store(settings: Settings) -> Any:
+@contextlib.contextmanager
+def _approval_store(settings: Settings) -> Iterator[Any]:
+    """The approvals (in the audit store), with the audit store's one-line errors."""
     from pgguard.approvals.store import ApprovalStore
-    from pgguard.audit.store import StoreError
 
     if not settings.audit.url:
-        click.echo("audit.url is not configured: approvals live in the audit store", err=True)
-        sys.exit(2)
-    try:
-        return ApprovalStore(settings.audit.url, migrate=False)
-    except StoreError as exc:
-        click.echo(f"cannot open the approval store: {exc}", err=True)
-        sys.exit(2)
+        _fail("audit.url is not configured: approvals live in the audit store")
+    with _opened(lambda url: ApprovalStore(url, migrate=False), settings.audit.url) as store:
+        yield store
 
 
 def _decider(settings: Settings, token: str | None) -> Any:
@@ -641,8 +650,7 @@ def approvals_list(config: Path | None, status: str, limit: int, as_json: bool) 
 
     from pgguard.approvals.display import request_table
 
-    store = _approval_store(_load(config))
-    with store:
+    with _approval_store(_load(config)) as store:
         requests = store.list(status, limit)
     if as_json:
         click.echo(
@@ -673,8 +681,7 @@ def _decide(
     except ApprovalError as exc:
         raise click.BadParameter(str(exc), param_hint="--for") from None
     who = _decider(settings, token)
-    store = _approval_store(settings)
-    with store:
+    with _approval_store(settings) as store:
         try:
             decided = store.decide(request_id, approve, who.user, who.groups, reason, seconds)
         except ApprovalError as exc:
@@ -735,9 +742,8 @@ def approvals_windows(config: Path | None, show_all: bool, as_json: bool) -> Non
 
     from pgguard.approvals.display import window_table
 
-    store = _approval_store(_load(config))
     now = time.time()
-    with store:
+    with _approval_store(_load(config)) as store:
         windows = store.windows(not show_all, now)
     if as_json:
         click.echo(
@@ -757,8 +763,7 @@ def approvals_revoke(config: Path | None, window_id: str, token: str | None) -> 
 
     settings = _load(config)
     who = _decider(settings, token)
-    store = _approval_store(settings)
-    with store:
+    with _approval_store(settings) as store:
         try:
             window = store.revoke_window(window_id, who.user, who.groups)
         except ApprovalError as exc:

@@ -367,3 +367,18 @@ def test_a_driver_message_never_shows_the_password() -> None:
     from pgguard.cli import _one_line
 
     assert _one_line(f"auth failed\n\tfor {SECRET}!", SECRET) == "auth failed for ***!"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["approvals", "list"], ["approvals", "windows"]],
+)
+def test_approval_commands_give_one_line_for_a_store_they_cannot_reach(
+    args: list[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "pgguard.yaml"
+    config.write_text("audit:\n  url: postgresql+psycopg://pgguard:s3cret-pw@127.0.0.1:1/audit\n")
+    result = CliRunner().invoke(main, [*args, "--config", str(config)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "s3cret-pw" not in result.output
+    assert "cannot read the audit store" in result.output
