@@ -18,7 +18,7 @@ import yaml
 from psycopg.conninfo import make_conninfo
 
 from .pgcluster import PgServer
-from .ports import free_port, port_accepts
+from .ports import free_ports, port_accepts
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -84,8 +84,7 @@ class Gateway:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.secret = secret if secret is not None else secrets.token_urlsafe(32)
         self.host = "127.0.0.1"
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)
         config = base_config(pg, port=self.port, admin_port=self.admin_port)
         self.config = deep_merge(config, overrides or {})
         listen = self.config.get("listen") or {}

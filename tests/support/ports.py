@@ -15,6 +15,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different free ports: held open together while chosen, so that the kernel
+    cannot hand the same one out twice (two free_port() calls sometimes got one port)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
     """True if a TCP connection to ``host:port`` succeeds."""
     try:
