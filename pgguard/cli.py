@@ -347,7 +347,7 @@ def _checked_read_url(url: str) -> tuple[str, str | None]:
         if not path.exists():
             _fail(
                 f"cannot read the audit store: audit store {safe}: no such file {path} "
-                f"(pgguard serve creates it)"
+                f"(start pgguard serve once to create it)"
             )
         if path.is_dir():
             _fail(f"cannot read the audit store: audit store {safe}: {path} is a directory")
