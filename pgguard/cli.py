@@ -509,18 +509,33 @@ def audit_tail(config: Path | None, last: int, no_follow: bool, as_json: bool) -
     default=None,
     help="Verify this JSON-lines file instead.",
 )
-def audit_verify(config: Path | None, jsonl: str | None) -> None:
+@click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    metavar="INSTANCE=SEQ:HASH",
+    help="A link known to be in the chain (a head an earlier verify printed): the chain must "
+    "still reach it and hold that hash there. Repeatable.",
+)
+def audit_verify(config: Path | None, jsonl: str | None, anchors: tuple[str, ...]) -> None:
     """Check the hash chains: report the first edited, deleted, inserted or reordered record."""
-    from pgguard.audit.query import verify_jsonl, verify_store
+    from pgguard.audit.query import parse_anchor, verify_jsonl, verify_store
 
+    known = {}
+    for text in anchors:
+        try:
+            instance_id, head = parse_anchor(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--anchor") from None
+        known[instance_id] = head
     if jsonl:
         try:
-            ok, report = verify_jsonl(jsonl)
+            ok, report = verify_jsonl(jsonl, known)
         except OSError as exc:
             _fail(f"cannot read {click.format_filename(jsonl)}: {exc.strerror or exc}")
     else:
         with _reading_store(config) as store:
-            ok, report = verify_store(store)
+            ok, report = verify_store(store, known)
     click.echo(report, nl=False)
     sys.exit(0 if ok else 1)
 

@@ -311,13 +311,39 @@ def verify_report(result: VerifyResult, source: str) -> str:
         )
         for brk in result.breaks:
             lines.append("  " + terminal_text(brk.describe()))
+    broken = {brk.instance_id for brk in result.breaks}
     for chain in result.chains:
-        head = f"seq {chain.head.seq}, hash {chain.head.hash[:16]}…" if chain.head else "none"
+        label = "last good link" if chain.instance_id in broken else "verified head"
+        head = f"seq {chain.head.seq}, hash {chain.head.hash}" if chain.head else "none"
         lines.append(
             f"  chain {terminal_text(chain.instance_id)!r}: {chain.records} record(s), "
-            f"verified head: {head}"
+            f"{label}: {head}"
         )
+    keep = [
+        anchor_text(c.instance_id, c.head)
+        for c in result.chains
+        if c.head is not None and c.instance_id not in broken
+    ]
+    if keep:
+        # What to keep, to show next time that nothing before it was rewritten or cut off.
+        lines.append("  next time: " + " ".join(f"--anchor {terminal_text(a)}" for a in keep))
     return "\n".join(lines) + "\n"
+
+
+def anchor_text(instance_id: str, head: Link) -> str:
+    """An ``--anchor`` value: ``INSTANCE=SEQ:HASH``."""
+    return f"{instance_id}={head.seq}:{head.hash}"
+
+
+def parse_anchor(text: str) -> tuple[str, Link]:
+    """``INSTANCE=SEQ:HASH`` (the instance id may hold ``=``; the last one splits)."""
+    instance_id, sep, link = text.rpartition("=")
+    seq, colon, hash_ = link.partition(":")
+    if not sep or not instance_id or not colon or not seq.isdigit():
+        raise ValueError(f"not INSTANCE=SEQ:HASH: {text!r}")
+    if len(hash_) != 64 or any(c not in "0123456789abcdef" for c in hash_):
+        raise ValueError(f"not a SHA-256 hash in hex: {hash_!r}")
+    return instance_id, Link(int(seq), hash_)
 
 
 def verify_store(store: SqlStore, anchors: Mapping[str, Link] | None = None) -> tuple[bool, str]:

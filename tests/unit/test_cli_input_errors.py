@@ -382,3 +382,32 @@ def test_approval_commands_give_one_line_for_a_store_they_cannot_reach(
     assert result.exit_code == 2
     assert "Traceback" not in result.output and "s3cret-pw" not in result.output
     assert "cannot read the audit store" in result.output
+
+
+# -- verify --anchor -------------------------------------------------------------------------
+
+
+def test_verify_prints_anchors_that_catch_a_cut_off_tail_next_time(
+    config: Path, tmp_path: Path
+) -> None:
+    first = run(["audit", "verify"], config)
+    assert first.exit_code == 0, first.output
+    [hint] = [line for line in first.output.splitlines() if "next time:" in line]
+    anchor = hint.split("--anchor ", 1)[1].strip()
+    assert anchor.startswith("inst-a=8:") and len(anchor.split(":", 1)[1]) == 64
+    assert run(["audit", "verify", "--anchor", anchor], config).exit_code == 0
+    # The newest record deleted: a shorter chain is still a valid chain, but not the one seen.
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "audit.db")
+    db.execute("delete from audit_records where seq = 8")
+    db.commit()
+    db.close()
+    assert run(["audit", "verify"], config).exit_code == 0
+    cut = run(["audit", "verify", "--anchor", anchor], config)
+    assert cut.exit_code == 1 and "deleted" in cut.output, cut.output
+
+
+@pytest.mark.parametrize("value", ["inst-a", "inst-a=8", "inst-a=x:" + "0" * 64, "inst-a=8:abc"])
+def test_a_malformed_anchor_is_a_usage_error(config: Path, value: str) -> None:
+    assert_clean_error(run(["audit", "verify", "--anchor", value], config), 2, "--anchor")
