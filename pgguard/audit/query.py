@@ -10,6 +10,7 @@ bidirectional overrides escaped as well.
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import time
 import unicodedata
@@ -73,11 +74,27 @@ def search_store(
     reviewer looking at ``--limit 50`` wants), still returned oldest first.
     """
     lo, hi = parse_time(since, now=now), parse_time(until, now=now)
+    table = filters.get("table")
+    if isinstance(table, str):
+        filters["table"] = table_name(table)
     if "order" not in filters and filters.get("limit") is not None:
         newest = store.search(since=lo, until=hi, order="desc", **filters)  # type: ignore[arg-type]
         newest.reverse()
         return newest
     return store.search(since=lo, until=hi, **filters)  # type: ignore[arg-type]
+
+
+def table_name(text: str) -> str:
+    """A ``--table`` value as records name tables: each dot-separated part folded to lower
+    case as SQL folds an unquoted name, or kept as written inside double quotes
+    (``public.Orders`` → ``public.orders``; ``"Sales"."Q1"`` → ``Sales.Q1``)."""
+    parts: list[str] = []
+    for part in re.findall(r'"(?:[^"]|"")*"|[^.]+', text.strip()):
+        if part.startswith('"') and part.endswith('"') and len(part) >= 2:
+            parts.append(part[1:-1].replace('""', '"'))
+        else:
+            parts.append(part.strip().lower())
+    return ".".join(parts)
 
 
 def search_page(

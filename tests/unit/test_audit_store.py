@@ -29,6 +29,7 @@ from pgguard.audit.query import (
     render_table,
     search_store,
     search_text,
+    table_name,
     tail,
     verify_jsonl,
     verify_store,
@@ -914,3 +915,33 @@ def test_verify_store_report(store: SqlStore) -> None:
     ok, report = verify_store(store)
     assert ok and report.startswith("OK:") and "3 record(s)" in report
     assert "inst-a" in report
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ("public.CUSTOMERS", "public.customers"),
+        ("Orders", "orders"),
+        ('"Sales"."Q1"', "Sales.Q1"),
+        ('public."Odd""Name"', 'public.Odd"Name'),
+    ],
+)
+def test_a_table_filter_is_read_as_sql_reads_names(given: str, named: str) -> None:
+    assert table_name(given) == named
+
+
+def test_search_by_table_folds_an_unquoted_name(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'a.db'}")
+    state = ChainState("i")
+    store.append(
+        [
+            state.next(AuditRecord("statement", 1.0, objects=("public.customers",))),
+            state.next(AuditRecord("statement", 2.0, objects=("public.Customers",))),
+        ]
+    )
+    found = search_store(store, table="public.CUSTOMERS")
+    assert [r.objects for r in found] == [("public.customers",)]
+    assert [r.objects for r in search_store(store, table='public."Customers"')] == [
+        ("public.Customers",)
+    ]
+    store.close()
