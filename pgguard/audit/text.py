@@ -648,7 +648,7 @@ def encode_params(
 
     ``formats`` follows the Bind message: empty means all text, one code applies to every
     parameter, otherwise one code per parameter (a missing code counts as text). Text values
-    are decoded as UTF-8 (invalid bytes replaced); binary ones become ``base64:`` + base64.
+    are decoded as UTF-8 (or, if not valid UTF-8, as Latin-1); binary ones become ``base64:``.
     A value longer than ``cap`` bytes keeps its first ``cap`` bytes (cut on a character
     boundary for text) followed by ``…(N bytes)``, N being its full size. SQL NULL stays
     ``None``. With ``redact_params`` every non-NULL value becomes ``***``.
@@ -676,7 +676,11 @@ def encode_params(
                 cut = cap
                 while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:
                     cut -= 1  # do not split a UTF-8 sequence
-            out.append(raw[:cut].decode("utf-8", "replace") + suffix)
+            try:
+                text = raw[:cut].decode("utf-8")
+            except UnicodeDecodeError:  # a single-byte client_encoding (LATIN1): as SQL is read
+                text = raw[:cap].decode("latin-1")
+            out.append(text + suffix)
         else:
             out.append("base64:" + base64.b64encode(raw[:cap]).decode("ascii") + suffix)
     return tuple(out)

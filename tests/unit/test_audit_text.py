@@ -383,7 +383,9 @@ def test_encode_params_text_binary_null() -> None:
 def test_encode_params_format_codes() -> None:
     assert encode_params([b"a", b"b"], []) == ("a", "b")
     assert encode_params([b"a", b"b"], [1]) == ("base64:YQ==", "base64:Yg==")
-    assert encode_params([b"\xff"], [0]) == ("\ufffd",)  # invalid UTF-8 replaced
+    # not UTF-8 (a LATIN1 client's): byte for byte, as the statement's text is read
+    assert encode_params([b"caf\xe9"], [0]) == ("café",)
+    assert encode_params([b"\xe9" * 20], [0], cap=10) == ("é" * 10 + "…(20 bytes)",)
 
 
 def test_encode_params_cap() -> None:
