@@ -648,7 +648,7 @@ def encode_params(
 
     ``formats`` follows the Bind message: empty means all text, one code applies to every
     parameter, otherwise one code per parameter (a missing code counts as text). Text values
-    are decoded as UTF-8 (or, if not valid UTF-8, as Latin-1); binary ones become ``base64:``.
+    are decoded as UTF-8 (or, if not valid UTF-8, as Latin-1); binary ones ``base64:`` + base64.
     A value longer than ``cap`` bytes keeps its first ``cap`` bytes (cut on a character
     boundary for text) followed by ``…(N bytes)``, N being its full size. SQL NULL stays
     ``None``. With ``redact_params`` every non-NULL value becomes ``***``.
