@@ -42,13 +42,58 @@ def _raw(text: str) -> bytes:
 
 
 def sql_bytes_text(raw: bytes) -> str:
-    """SQL as the gateway analyses and records it: UTF-8 where the bytes are valid UTF-8, else
-    (a client_encoding such as LATIN1, or bytes the server will refuse) byte for byte as
-    Latin-1, so that the parser gets text it can read and identifiers keep their letters."""
+    """SQL as the gateway records it when nothing better is known: UTF-8 where the bytes are
+    valid UTF-8, else byte for byte as Latin-1, so that the text is readable and parses."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+# PostgreSQL client encodings → Python codecs. SQL_ASCII: the server does not check bytes
+# over 127, so neither can pgguard (Latin-1 reads each as one character).
+_CODECS = {
+    "utf8": "utf-8",
+    "unicode": "utf-8",
+    "sqlascii": "latin-1",
+    "latin1": "latin-1",
+    "latin2": "iso8859-2",
+    "latin3": "iso8859-3",
+    "latin4": "iso8859-4",
+    "latin5": "iso8859-9",
+    "latin6": "iso8859-10",
+    "latin7": "iso8859-13",
+    "latin8": "iso8859-14",
+    "latin9": "iso8859-15",
+    "latin10": "iso8859-16",
+    "iso88595": "iso8859-5",
+    "iso88596": "iso8859-6",
+    "iso88597": "iso8859-7",
+    "iso88598": "iso8859-8",
+    "win866": "cp866",
+    "win874": "cp874",
+    "win1250": "cp1250",
+    "win1251": "cp1251",
+    "win1252": "cp1252",
+    "win1253": "cp1253",
+    "win1254": "cp1254",
+    "win1255": "cp1255",
+    "win1256": "cp1256",
+    "win1257": "cp1257",
+    "win1258": "cp1258",
+    "koi8r": "koi8-r",
+    "koi8u": "koi8-u",
+    "eucjp": "euc_jp",
+    "eucjis2004": "euc_jis_2004",
+    "euckr": "euc_kr",
+    "euccn": "gb2312",
+}
+
+
+def client_codec(encoding: str) -> str | None:
+    """The Python codec that reads SQL in PostgreSQL client encoding ``encoding`` (as
+    ParameterStatus names it); None for one pgguard cannot read (then only UTF-8 passes)."""
+    return _CODECS.get(encoding.strip().lower().replace("_", "").replace("-", ""))
 
 
 def readable_sql(text: str) -> str:

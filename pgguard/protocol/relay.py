@@ -36,6 +36,7 @@ from pgguard.protocol.messages import (
     Parse,
     ProtocolError,
     Query,
+    client_codec,
     data_row_values,
     error_fields,
     readable_sql,
@@ -167,6 +168,7 @@ class RelayCore:
     __slots__ = (
         "_client",
         "_clock",
+        "_codec",
         "_copy_in",
         "_epoch_seen",
         "_extra_server",
@@ -204,6 +206,7 @@ class RelayCore:
         "_syncs_since_execute",
         "_verdicts",
         "cancel_requested",
+        "client_encoding",
         "closing",
         "ending",
         "epoch",
@@ -238,6 +241,8 @@ class RelayCore:
         self._own = "pgguard_" + secrets.token_hex(6) + "_"
         self._refusals: dict[str, Refusal] = {}
         self._refused_now: Refusal | None = None  # the refusal the last error was rewritten to
+        self.client_encoding = "UTF8"
+        self._codec = "utf-8"  # reads the client's SQL for the guard (set_client_encoding)
         self._seq = 0
         self._verdicts: dict[bytes, Refusal | object | None] = {}
         # Prepared statement name → the SQL it may hold: re-Parsing a name fails on the server
@@ -521,7 +526,7 @@ class RelayCore:
         outer = (self._in_on_hold, self._released_early)
         self._in_on_hold, self._released_early = True, b""
         try:
-            self.on_hold(hold, sql_bytes_text(sql), buf[pos:end])
+            self.on_hold(hold, self._sql_text(sql) or sql_bytes_text(sql), buf[pos:end])
             released = self._released_early
         finally:
             self._in_on_hold, self._released_early = outer
@@ -577,11 +582,46 @@ class RelayCore:
             self._epoch_seen = self.epoch[0]
         refusal = cache.get(sql, _UNSEEN)
         if refusal is _UNSEEN:
-            refusal = self.hook(sql_bytes_text(sql))
+            text = self._sql_text(sql)
+            refusal = self.hook(text) if text is not None else self._undecodable()
             if len(cache) >= _VERDICT_CACHE:
                 cache.clear()
             cache[sql] = refusal
         return cast(Refusal | None, refusal)
+
+    def set_client_encoding(self, encoding: str) -> None:
+        """The session's client_encoding (from the server's ParameterStatus): how its SQL's
+        bytes are read for the guard."""
+        codec = client_codec(encoding) or "utf-8"
+        if codec != self._codec:
+            self._verdicts.clear()  # verdicts are kept by bytes: the same bytes, other text
+        self.client_encoding = encoding
+        self._codec = codec
+
+    def _sql_text(self, raw: bytes) -> str | None:
+        """SQL bytes as text in the session's client encoding; None if they are not valid in
+        it (the server would refuse them too)."""
+        try:
+            return raw.decode(self._codec)
+        except UnicodeDecodeError:
+            return None
+
+    def _recorded_sql(self, text: str) -> str:
+        """A Query's or Parse's SQL (decoded with ``surrogateescape``, as messages are) as the
+        audit records it: in the session's client encoding, or readable if not valid in it."""
+        if text.isascii():
+            return text
+        if self._codec == "utf-8":
+            return readable_sql(text)
+        raw = text.encode("utf-8", "surrogateescape")
+        return self._sql_text(raw) or sql_bytes_text(raw)
+
+    def _undecodable(self) -> Refusal:
+        return Refusal(
+            "encoding",
+            f'invalid byte sequence for encoding "{self.client_encoding}"',
+            "22021",
+        )
 
     def _substitute_message(self, raw: bytes, refusal: Refusal, t: int) -> bytes:
         """A message the server will fail with an error naming a unique marker (see
@@ -724,6 +764,8 @@ class RelayCore:
                 self._copy_in = True
             elif t == _S:
                 status = ParameterStatus.decode_body(buf[pos + 5 : end])
+                if status.name == "client_encoding":
+                    self.set_client_encoding(status.value)
                 reason = unsafe_setting(status.name, status.value)
                 if reason is not None:
                     # Something changed it behind the guard's back: pgguard can no longer
@@ -819,10 +861,10 @@ class RelayCore:
             end = pos + 1 + _LEN.unpack_from(buf, pos + 1)[0]
             body = buf[pos + 5 : end]
             if t == _Q:
-                tracker.query(readable_sql(Query.decode_body(body).sql))
+                tracker.query(self._recorded_sql(Query.decode_body(body).sql))
             elif t == _P:
                 parse = Parse.decode_body(body)
-                tracker.parse(parse.name, readable_sql(parse.sql))
+                tracker.parse(parse.name, self._recorded_sql(parse.sql))
             elif t == _B:
                 bind = Bind.decode_body(body)
                 # Each parameter's format: one code for all, none for text (param_format).

@@ -909,6 +909,11 @@ class Session:
             + m.ReadyForQuery(conn.status).encode()
         )
         self.core.status = conn.status
+        for raw in conn.greeting:
+            if raw[:1] == b"S":
+                setting = m.ParameterStatus.decode_body(raw[5:])
+                if setting.name == "client_encoding":
+                    self.core.set_client_encoding(setting.value)
 
     # ------------------------------------------------------------------ relay
     def _start_relay(self) -> None:

@@ -1026,7 +1026,7 @@ def test_statements_in_a_single_byte_client_encoding(
         result = raw.read_until_ready()
         kinds = [k for k, _ in result]
         assert kinds == [b"E", b"Z"]
-        assert rawpg.parse_fields(result[0][1])["C"] == "22021"  # the server's answer
+        assert rawpg.parse_fields(result[0][1])["C"] == "22021"  # as the server would say
         assert raw.query("select 1").rows == [[[b"1"]]]
     texts = [r.statement for r in statements(gw, "latin")]
     assert "select 'café' as word" in texts
@@ -1080,3 +1080,29 @@ def test_deeply_nested_comments_are_refused_without_stalling_others(
         assert other.execute(b"select 2").fetchone() == (2,)
     [record] = statements(gw, "nester")
     assert (record.decision, record.rule, record.sqlstate) == ("deny", "parser", "54001")
+
+
+def test_a_multibyte_client_encoding_is_read_as_such(
+    make_gateway: MakeGateway, tmp_path: Path, pg: Any
+) -> None:
+    """EUC_JP: the guard reads the client's bytes in its encoding, so a rule naming a table
+    in Japanese applies (read as anything else, the name would not match: a rule bypassed)."""
+    with psycopg.connect(pg.superuser_app_dsn(), autocommit=True) as admin:
+        admin.execute('create table if not exists public."注文" (id int)')
+        admin.execute('grant all on public."注文" to public')
+    policy = tmp_path / "orders.yaml"
+    policy.write_text(
+        "version: 1\ndefaults: {action: allow}\nrules:\n"
+        "  - name: no-orders\n    match: {tables: [public.注文]}\n    action: deny\n",
+        encoding="utf-8",
+    )
+    gw = audited(make_gateway, tmp_path, policies=[str(policy)])
+    with psycopg.connect(gw.dsn("eucjp"), autocommit=True) as conn:
+        conn.execute("set client_encoding to 'EUC_JP'")
+        assert conn.execute("select '日本' as word").fetchone() == ("日本",)
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute('select * from public."注文"')
+        assert "no-orders" in str(info.value)
+    recorded = [(r.statement, r.decision) for r in statements(gw, "eucjp")]
+    assert ("select '日本' as word", "allow") in recorded
+    assert ('select * from public."注文"', "deny") in recorded

@@ -625,3 +625,20 @@ def test_an_error_that_reads_like_a_refusal_is_the_servers() -> None:
     spoof = m.ErrorResponse(m.error_fields("ERROR", "42501", "pgguard: admin: refused"))
     core.from_server(spoof.encode() + READY)
     assert [(r.sqlstate, r.refused) for r in runs] == [("42501", None)]  # type: ignore[attr-defined]
+
+
+def test_sql_is_read_in_the_sessions_client_encoding() -> None:
+    seen: list[str] = []
+    core = RelayCore(LIMIT, lambda sql: seen.append(sql) or None)
+    core.from_client(_message(b"Q", b"select 'caf\xe9'\x00"))
+    # In UTF8 (the default) those bytes are invalid: refused as the server would.
+    assert seen == [] and core._refusals
+    assert next(iter(core._refusals.values())).sqlstate == "22021"
+    core.from_server(m.ParameterStatus("client_encoding", "LATIN1").encode())
+    core.from_server(READY)  # the refused statement's reply
+    core.from_client(_message(b"Q", b"select 'caf\xe9'\x00"))
+    assert seen == ["select 'café'"]
+    core.set_client_encoding("EUC_JP")
+    sql = "select '日本'".encode("euc_jp")
+    core.from_client(_message(b"Q", sql + b"\x00"))
+    assert seen[-1] == "select '日本'"
