@@ -18,7 +18,7 @@ import pytest
 from psycopg import errors
 
 from pgguard.audit.store import SqlStore
-from tests.support.gateway import Gateway, MakeGateway
+from tests.support.gateway import Gateway, MakeGateway, readyz
 
 PGGUARD = str(Path(sys.executable).parent / "pgguard")
 
@@ -71,6 +71,20 @@ def eventually(check: Any, timeout: float = 10.0) -> Any:
         if result or time.monotonic() > deadline:
             return result
         time.sleep(0.1)
+
+
+def works_again(gw: Gateway, user: str, sql: bytes, timeout: float) -> None:
+    """Run ``sql`` in a new session of ``user`` until it succeeds (the store is back)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(gw.dsn(user), autocommit=True) as conn:
+                conn.execute(sql)
+            return
+        except psycopg.Error:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def statements(gw: Gateway, user: str) -> list[Any]:
@@ -259,16 +273,7 @@ def test_strict_mode_refuses_statements_when_the_store_fails(
             blocker.execute("rollback")
             blocker.close()
     # Once the store is back, sessions work again and the held record was not lost.
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with psycopg.connect(gw.dsn("fay"), autocommit=True) as conn:
-                conn.execute(b"select 3")
-            break
-        except psycopg.Error:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    works_again(gw, "fay", b"select 3", timeout=20)
     texts = [r.statement for r in statements(gw, "fay")]
     assert "select 2" in texts and "select 3" in texts
 
@@ -747,16 +752,7 @@ def test_strict_mode_on_a_full_disk_refuses_then_recovers_losing_nothing(
     assert time.monotonic() - started < 15
     # Room again: sessions work, and every statement a client saw succeed has its record.
     filler.unlink()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with psycopg.connect(gw.dsn("disk"), autocommit=True) as conn:
-                conn.execute(b"select 'after'")
-            break
-        except psycopg.Error:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    works_again(gw, "disk", b"select 'after'", timeout=30)
     stored = [r.statement for r in statements(gw, "disk")]
     missing = [text for text in acknowledged if text not in stored]
     assert missing == [], f"{len(missing)} acknowledged statements have no record"
@@ -791,18 +787,6 @@ def test_buffered_mode_keeps_records_through_a_full_disk(
         )
     assert texts[0] == "select 'before'"
     assert texts[1:] == [f"select {i}" for i in range(300)]
-
-
-def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", gw.admin_port, timeout=5)
-    try:
-        conn.request("GET", "/readyz")
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
 
 
 def test_readyz_says_the_audit_is_failing_while_its_writer_is_replaced(

@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors
 
-from tests.support.gateway import Gateway, MakeGateway
+from tests.support.gateway import Gateway, MakeGateway, readyz
 from tests.support.procmem import child_pids
 
 RULE = "no-deletes-after-reload"
@@ -389,15 +389,3 @@ def test_an_invalid_policy_keeps_a_dead_worker_down_until_fixed(
     wait_until(lambda: len(child_pids(gw.proc.pid)) == 2, "two workers again")
     wait_until(lambda: metric(gw, "pgguard_policy_reload_failed") == 0, "the gauge to clear")
     assert readyz(gw)[1]["checks"]["policies"] == "ok"
-
-
-def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", gw.admin_port, timeout=5)
-    try:
-        conn.request("GET", "/readyz")
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()

@@ -199,3 +199,17 @@ class Gateway:
 MakeGateway = Callable[..., Gateway]
 """The ``make_gateway`` fixture: ``make_gateway(*, secret=None, env=None, start=True,
 **config_overrides) -> Gateway``."""
+
+
+def readyz(gw: Gateway) -> tuple[int, dict[str, Any]]:
+    """The gateway's /readyz: HTTP status and the JSON body."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw.admin_port, timeout=5)
+    try:
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
