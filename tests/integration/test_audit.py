@@ -1005,6 +1005,9 @@ def test_statements_in_a_single_byte_client_encoding(
         assert conn.execute("select 'café' as word").fetchone() == ("café",)
         cur = conn.cursor()
         assert cur.execute("select %s::text || 'é'", ("naïve",)).fetchone() == ("naïveé",)
+    # The encoding asked for at login (reported in the server's greeting) counts too.
+    with psycopg.connect(gw.dsn("latin", client_encoding="LATIN1"), autocommit=True) as conn:
+        assert conn.execute("select 'über' as word").fetchone() == ("über",)
     with rawpg.connect("127.0.0.1", gw.port, "bytes", "app", gw.token("bytes")) as raw:
         raw.send(b"Q", b"select 'caf\xff'\x00")
         result = raw.read_until_ready()
@@ -1013,7 +1016,7 @@ def test_statements_in_a_single_byte_client_encoding(
         assert rawpg.parse_fields(result[0][1])["C"] == "22021"  # as the server would say
         assert raw.query("select 1").rows == [[[b"1"]]]
     texts = [r.statement for r in statements(gw, "latin")]
-    assert "select 'café' as word" in texts
+    assert "select 'café' as word" in texts and "select 'über' as word" in texts
     recorded = statements(gw, "bytes")
     assert [(r.statement, r.sqlstate) for r in recorded] == [
         ("select 'caf\xff'", "22021"),
