@@ -320,8 +320,7 @@ def _db_error(safe: str, exc: Any, password: str | None) -> str:
 
 def _checked_read_url(url: str) -> tuple[str, str | None]:
     """``(url with its password hidden, the password)`` of an audit store URL that a
-    read-only command can open; exits with a one-line error otherwise. A SQLite file must
-    already exist: opening it would create an empty one."""
+    read-only command can open; exits with a one-line error otherwise."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -341,16 +340,6 @@ def _checked_read_url(url: str) -> tuple[str, str | None]:
             f"cannot read the audit store: audit store {safe}: unsupported database "
             f"{backend!r} (use sqlite:///PATH or postgresql+psycopg://…)"
         )
-    uri = str(u.query.get("uri", "")).lower() in ("1", "true")
-    if backend == "sqlite" and u.database not in (None, "", ":memory:") and not uri:
-        path = Path(u.database or "")
-        if not path.exists():
-            _fail(
-                f"cannot read the audit store: audit store {safe}: no such file {path} "
-                f"(start pgguard serve once to create it)"
-            )
-        if path.is_dir():
-            _fail(f"cannot read the audit store: audit store {safe}: {path} is a directory")
     return safe, password
 
 

@@ -324,11 +324,18 @@ class SqlStore:
             }
             if u.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = StaticPool  # one shared in-memory database
-            else:
+            elif str(u.query.get("uri", "")).lower() not in ("1", "true"):  # a path, not a URI
                 db = Path(u.database or "")
                 if not db.parent.exists():
                     raise StoreError(f"audit store {self.safe_url}: directory {db.parent} missing")
+                if db.is_dir():
+                    raise StoreError(f"audit store {self.safe_url}: {db} is a directory")
                 if not db.exists():
+                    if not migrate:  # a reader: never leave an empty trail behind
+                        raise SchemaError(
+                            f"audit store {self.safe_url}: no such file {db}, so no pgguard "
+                            "audit schema (start pgguard serve once to create it)"
+                        )
                     db.touch(mode=0o600)  # the trail holds statements: private by default
             kwargs["connect_args"] = connect_args
         elif self.dialect == "postgresql":

@@ -192,7 +192,7 @@ def _variable_set(fields: dict[str, Any]) -> PromptSetting | None:
         args = fields.get("args") or []
         value = _constant_text(args[0]) if len(args) == 1 else None
         if value is not None:
-            return ("set", _prompt_text(value), local)
+            return ("set", clean_prompt_id(value), local)
     return ("unknown", None, local)
 
 
@@ -215,7 +215,7 @@ def _set_config_call(fields: dict[str, Any]) -> PromptSetting | None:
     is_local = bool(flag.get("boolval"))
     if value is None:
         return ("unknown", None, is_local)
-    return ("set", _prompt_text(value), is_local)
+    return ("set", clean_prompt_id(value), is_local)
 
 
 def _constant_text(node: Any) -> str | None:
@@ -236,9 +236,6 @@ def clean_prompt_id(value: str) -> str | None:
     if value.isascii() and value.isprintable() and len(value) <= PROMPT_ID_MAX_LEN:
         return value.strip() or None  # the usual id, checked in C (records ask per statement)
     return _sanitize(value).strip()[:PROMPT_ID_MAX_LEN].strip() or None
-
-
-_prompt_text = clean_prompt_id
 
 
 # One sqlcommenter ``key='value'`` pair; pairs are comma-separated, but whitespace is
@@ -486,7 +483,10 @@ def _edits_from_tokens(sql: str, tokens: list[_Tok]) -> list[_Edit]:
                 after_secret = True
             continue
         if after_secret:
-            edits.append((tok.start, tok.end, "'" + REDACTED + "'"))
+            # In the string's own quoting: a quoted string right after another one (a
+            # newline apart) would be read as its continuation.
+            quote = "$$" if sql[tok.start] == "$" else "'"
+            edits.append((tok.start, tok.end, quote + REDACTED + quote))
         elif tok.name in _STRING_TOKENS:
             _redact_literal(sql, tok, _redact_conninfo, edits)
     return edits

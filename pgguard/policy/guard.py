@@ -232,7 +232,7 @@ class SessionGuard:
             self._decided_epoch = self.state.epoch[0]
 
     def judge(self, sql: str) -> Judgement:
-        if "/*" in sql and nested_too_deep(sql):
+        if nested_too_deep(sql):
             return Judgement((), None, TOO_DEEP)  # before any parser sees it
         self._check_epoch()
         plain_key = None
@@ -313,7 +313,7 @@ class SessionGuard:
         """Facts of one statement's text and the audit_only rules it matches, for its audit
         record (from the caches when the statement was judged). Plain reads that differ only
         in numbers share one answer (no fingerprint per statement)."""
-        if "/*" in sql and nested_too_deep(sql):
+        if nested_too_deep(sql):
             return None, ()
         key = None
         if not self.pending_paths:

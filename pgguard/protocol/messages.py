@@ -96,17 +96,6 @@ def client_codec(encoding: str) -> str | None:
     return _CODECS.get(encoding.strip().lower().replace("_", "").replace("-", ""))
 
 
-def readable_sql(text: str) -> str:
-    """:func:`sql_bytes_text` of SQL decoded with ``surrogateescape`` (as messages are)."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("latin-1")
-
-
 class BodyReader:
     """Bounds-checked reader over one message body. Every overrun is a ProtocolError."""
 

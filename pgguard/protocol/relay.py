@@ -39,7 +39,6 @@ from pgguard.protocol.messages import (
     client_codec,
     data_row_values,
     error_fields,
-    readable_sql,
     sql_bytes_text,
 )
 from pgguard.protocol.statements import StatementRun, StatementTracker
@@ -526,7 +525,7 @@ class RelayCore:
         outer = (self._in_on_hold, self._released_early)
         self._in_on_hold, self._released_early = True, b""
         try:
-            self.on_hold(hold, self._sql_text(sql) or sql_bytes_text(sql), buf[pos:end])
+            self.on_hold(hold, self.sql_text(sql), buf[pos:end])
             released = self._released_early
         finally:
             self._in_on_hold, self._released_early = outer
@@ -606,15 +605,16 @@ class RelayCore:
         except UnicodeDecodeError:
             return None
 
+    def sql_text(self, raw: bytes) -> str:
+        """SQL bytes as the session's statements are held, counted and recorded: in its
+        client encoding, or (not valid in it) readable all the same (see sql_bytes_text)."""
+        text = self._sql_text(raw)
+        return text if text is not None else sql_bytes_text(raw)
+
     def _recorded_sql(self, text: str) -> str:
-        """A Query's or Parse's SQL (decoded with ``surrogateescape``, as messages are) as the
-        audit records it: in the session's client encoding, or readable if not valid in it."""
-        if text.isascii():
-            return text
-        if self._codec == "utf-8":
-            return readable_sql(text)
-        raw = text.encode("utf-8", "surrogateescape")
-        return self._sql_text(raw) or sql_bytes_text(raw)
+        """A Query's or Parse's SQL, decoded with ``surrogateescape`` as messages are, as the
+        audit records it (:meth:`sql_text`)."""
+        return text if text.isascii() else self.sql_text(text.encode("utf-8", "surrogateescape"))
 
     def _undecodable(self) -> Refusal:
         return Refusal(

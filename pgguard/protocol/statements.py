@@ -245,7 +245,7 @@ class StatementTracker:
         """pgguard refused the statement being answered: it did not run. A simple Query is
         judged and refused whole, so each of its statements carries the refusal; in the
         extended protocol, the refused one (the server skips the rest of its batch)."""
-        if not self._queue or (self._ready and self._queue[0].batch != self._ready[0]):
+        if not self._answering():
             return []
         batch = self._queue[0].batch
         now = self._clock()
@@ -256,6 +256,12 @@ class StatementTracker:
             if run.protocol != "simple":
                 break
         return [r._replace(refused=refusal) for r in out]
+
+    def _answering(self) -> bool:
+        """Whether the first statement queued belongs to the batch being answered: an error
+        of a Parse or Bind with no Execute in its batch must not be charged to a later
+        batch's statement."""
+        return bool(self._queue) and not (self._ready and self._queue[0].batch != self._ready[0])
 
     def ready(self) -> list[StatementRun]:
         """ReadyForQuery: whatever is left of the batch it ends was not executed."""
@@ -275,9 +281,7 @@ class StatementTracker:
         sqlstate: str | None = None,
         error: str | None = None,
     ) -> list[StatementRun]:
-        # Only a statement of the batch being answered: an error of a Parse or Bind with no
-        # Execute in its batch must not be charged to a later batch's statement.
-        if not self._queue or (self._ready and self._queue[0].batch != self._ready[0]):
+        if not self._answering():
             return []
         run = self._queue.popleft()
         return [run.finished(self._clock(), command_tag, rows, sqlstate, error)]

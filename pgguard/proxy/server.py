@@ -68,6 +68,7 @@ OUTCOME_UNKNOWN = (
     "08006",
     "pgguard: the client disconnected before the outcome was known; the statement may have run",
 )
+INTERNAL_ERROR = Fatal("XX000", "pgguard: internal error")  # a bug ends only its session
 AUDIT_UNAVAILABLE = Refusal(
     "audit", "the audit store is unavailable; statements are refused until it recovers"
 )
@@ -1118,7 +1119,7 @@ class Session:
                 decided: str | None = None
                 if refusal is not None:
                     decided = refusal.decision
-                elif self._approved is not None and self._approved[0] == m.sql_bytes_text(sql):
+                elif self._approved is not None and self._approved[0] == self.core.sql_text(sql):
                     self._approved = None
                     decided = "approved"
                 for statement_class, allowed in self._statement_kinds(sql):
@@ -1146,7 +1147,7 @@ class Session:
         if kinds is not None:
             self._last_kinds = (sql, kinds, epoch)
             return kinds
-        text = m.sql_bytes_text(sql)
+        text = self.core.sql_text(sql)
         # Texts that differ only in numbers share their kinds (pgbench and ORMs send a new
         # literal every time).
         shape = literal_free(text)
@@ -1198,7 +1199,7 @@ class Session:
 
     def _crashed(self) -> None:
         log.exception("session crashed", extra={"session_id": self.info.session_id})
-        self.client.write(fatal_bytes("XX000", "pgguard: internal error"))
+        self.client.write(INTERNAL_ERROR.encode())
         self.finish()
 
     def _await_outcomes(self) -> bool:
@@ -1555,7 +1556,7 @@ class Gateway:
             session = Session(self, side)
         except Exception:  # a bug: the client gets an error rather than a silent socket
             log.exception("session could not start")
-            side.write(fatal_bytes("XX000", "pgguard: internal error"))
+            side.write(INTERNAL_ERROR.encode())
             side.close()
             return
         self.sessions.add(session)
@@ -1563,7 +1564,7 @@ class Gateway:
             await session.run()
         except Exception:  # a bug must never take other sessions down
             log.exception("session crashed", extra={"session_id": session.info.session_id})
-            side.write(fatal_bytes("XX000", "pgguard: internal error"))
+            side.write(INTERNAL_ERROR.encode())
             side.close()
             if session.upstream is not None:
                 session.upstream.close()

@@ -729,10 +729,13 @@ def test_the_inline_decoders_take_whole_bodies_only(message: m.Message) -> None:
 
 
 def test_sql_is_read_as_utf8_or_else_byte_for_byte() -> None:
-    from pgguard.protocol.messages import readable_sql, sql_bytes_text
+    from pgguard.protocol.messages import sql_bytes_text
+    from pgguard.protocol.relay import RelayCore
 
     assert sql_bytes_text("select 'café'".encode()) == "select 'café'"
     assert sql_bytes_text(b"select 'caf\xe9'") == "select 'café'"  # a LATIN1 client's
     assert sql_bytes_text(b"select '\xff'") == "select 'ÿ'"  # parseable; the server refuses it
+    # A UTF8 session records what messages decoded (surrogateescape) as the same text.
+    utf8 = RelayCore(1 << 20)
     for raw in ("select 'café'".encode(), b"select 'caf\xe9'", b"plain"):
-        assert readable_sql(raw.decode("utf-8", "surrogateescape")) == sql_bytes_text(raw)
+        assert utf8._recorded_sql(raw.decode("utf-8", "surrogateescape")) == sql_bytes_text(raw)
